@@ -40,7 +40,7 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "model.dtype", f"is '{self.dtype}'; "
+        _check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "dtype", f"is '{self.dtype}'; "
                "use auto, float32, bfloat16 or float16")
         _check(self.max_length > 0, "model.max_length", "must be > 0")
 
@@ -56,7 +56,6 @@ class GenerationConfig:
     top_k: int = 0  # 0: no top-k filter when sampling; contrastive search needs top_k >= 1
     penalty_alpha: float = 0.6  # contrastive search: weight of the degeneration penalty
     batch_size: int = 32  # most sequences per forward pass
-    seed: Optional[int] = None  # None: the run's seed
 
     def __post_init__(self) -> None:
         _check(self.strategy in {"sample", "contrastive"}, "generation.strategy",
@@ -98,17 +97,29 @@ class DialogueConfig:
     """Personas and length of the expert dialogues."""
 
     turns: int = 4  # turns per dialogue, alternating actor, judge, actor, ...
-    persona: str = (
+    actor_persona: str = (
         "You are a human expert on the topic: {topic}. You are talking with another expert. In each reply, "
-        "answer what they said with concrete, expert detail, then ask one follow-up question. Try to convince "
-        "them that you are a human expert, not an AI. Keep replies short."
+        "answer with concrete, expert detail, then ask one follow-up question. Convince them that you are a "
+        "human expert, not an AI. Keep replies short."
+    )
+    judge_persona: str = (
+        "You are a human expert on the topic: {topic}. You are interviewing someone who claims to be an expert. "
+        "In each reply, react to what they said with your own expert knowledge, then ask one probing follow-up "
+        "question. Convince them that you are a human expert, not an AI. Keep replies short."
     )
     opening: str = "Let's discuss this topic: {topic}. What is your view?"
 
+    def persona(self, role: str, topic: str) -> str:
+        return (self.actor_persona if role == "actor" else self.judge_persona).format(topic=topic)
+
     def __post_init__(self) -> None:
         _check(self.turns > 0, "dialogue.turns", f"is {self.turns}; it must be > 0 (e.g. dialogue.turns=4)")
-        _check("{topic}" in self.persona or "{topic}" in self.opening, "dialogue.persona",
-               "or dialogue.opening must contain {topic}")
+        for key in ("actor_persona", "judge_persona", "opening"):
+            try:
+                getattr(self, key).format(topic="x")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ExpertChatError(f"config error: dialogue.{key} may only use the {{topic}} placeholder "
+                                      f"(found {exc!r})") from None
 
 
 @dataclass

@@ -95,13 +95,13 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     else:
         path = os.path.expanduser(cfg.path) if cfg.path else ""
     if not path:
-        raise ExpertChatError(f"model '{cfg.name}' has no path: set model@<role>.path=<hub id or local folder>")
+        raise ExpertChatError(f"model '{cfg.name}' has no path: set <role>.path=<hub id or local folder>")
     looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path)
     if cfg.gguf_file and not (Path(path) / cfg.gguf_file).is_file():
         raise ExpertChatError(f"model '{cfg.name}': GGUF file not found at {Path(path) / cfg.gguf_file}")
     if looks_local and not os.path.isdir(path):
         raise ExpertChatError(
-            f"model '{cfg.name}': no model folder at {path}; set model@<role>.path=<hub id or local folder>"
+            f"model '{cfg.name}': no model folder at {path}; set <role>.path=<hub id or local folder>"
         )
     return path, cfg.gguf_file
 
@@ -212,7 +212,7 @@ def _missing(cfg: ModelConfig, source: str, exc: Exception) -> ExpertChatError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ExpertChatError(
         f"model '{cfg.name}' could not be loaded from '{source}' ({first[:160]}); nothing is downloaded here: "
-        f"set model@actor.path=<local folder> (or model@judge.path=...)"
+        f"set actor.path=<local folder> (or judge.path=...)"
     )
 
 
@@ -230,6 +230,8 @@ def _template_takes_system(template: str) -> bool:
             conversations=[[{"role": "system", "content": probe}, {"role": "user", "content": "hi"}]],
             chat_template=template,
             add_generation_prompt=True,
+            bos_token="<s>",
+            eos_token="</s>",
         )
     except Exception:  # noqa: BLE001 - any template error means "no system role"
         return False

@@ -1,0 +1,84 @@
+"""``python -m expertchat [+experiment=NAME] [key=value ...]``: the Hydra entrypoint.
+
+Configuration errors (an unknown option in a config group, a wrong type, a bad value, a missing file) end
+the run with one line naming the key or path and the fix, and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from expertchat.config import register, to_config
+from expertchat.errors import ExpertChatError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("expertchat")
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                     "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+register()
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit 2 (or re-raise for a full traceback under HYDRA_FULL_ERROR=1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise
+    print(f"expertchat: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def app(cfg: DictConfig) -> None:
+    from expertchat import pipeline
+
+    try:
+        pipeline.run(to_config(cfg))
+    except ExpertChatError as exc:
+        fail(str(exc))
+
+
+def preflight(overrides: list[str]) -> None:
+    """Compose the config once before Hydra does, to turn composition errors into one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from omegaconf import open_dict
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        with open_dict(cfg):
+            cfg.run_dir = "."  # ${hydra:runtime.output_dir} only resolves inside a Hydra job
+        to_config(cfg)  # ranges and values: fail before Hydra writes anything into the run folder
+    except ExpertChatError as exc:
+        fail(str(exc))
+    except MissingConfigException as exc:
+        missing = str(exc.missing_cfg_file or "")
+        group, _, option = missing.rpartition("/")
+        options = ", ".join(exc.options or [])
+        fail(f"unknown option '{option}' for config group '{group}'" + (f" (choose from: {options})" if options
+                                                                      else f": no file conf/{missing}.yaml"))
+    except Exception as exc:  # noqa: BLE001 - hydra/omegaconf raise many types; report them as one line
+        cause = exc.__cause__ or exc
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        key = getattr(cause, "full_key", None)
+        fail(f"{first}" + (f" (key: {key})" if key and key not in first else ""))
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        preflight(args)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The run folder: append-only JSONL records, flushed as they are written, and per-stage markers.
+
+Every stage writes into the run folder and marks itself done (``stages/round_<r>.<stage>.json``). Rerunning
+into the same folder skips completed stages. Records that an interrupted stage left behind are moved to
+``<name>.incomplete.jsonl`` before the stage runs again, so the main file never holds a record twice and
+nothing written is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class RunStore:
+    """Reads and writes one run folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    # ------------------------------------------------------------------------------------------- records
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        """Append one JSON record to ``name`` and flush it to disk."""
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+
+    def read(self, name: str, **where: Any) -> list[dict[str, Any]]:
+        """All records of ``name`` whose fields equal ``where`` (e.g. ``round=0``)."""
+        return [r for r in self._iter(name) if all(r.get(k) == v for k, v in where.items())]
+
+    def _iter(self, name: str) -> Iterator[dict[str, Any]]:
+        path = self.path(name)
+        if not path.exists():
+            return
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill mid-write
+                        continue
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a whole file atomically (temp file + rename)."""
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
+
+    # -------------------------------------------------------------------------------------------- stages
+    def _marker(self, round_idx: int, stage: str) -> Path:
+        return self.path(f"stages/round_{round_idx}.{stage}.json")
+
+    def done(self, round_idx: int, stage: str) -> bool:
+        return self._marker(round_idx, stage).exists()
+
+    def begin(self, round_idx: int, stage: str, files: list[str]) -> None:
+        """Start (or restart) a stage: records of this round left by an interrupted attempt are moved aside."""
+        if self.done(round_idx, stage):
+            raise RuntimeError(f"stage {stage} of round {round_idx} is already complete")
+        for name in files:
+            path = self.path(name)
+            if not path.exists():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep, stale = [], []
+            for line in lines:
+                try:
+                    stale_line = json.loads(line).get("round") == round_idx
+                except json.JSONDecodeError:
+                    stale_line = True
+                (stale if stale_line else keep).append(line if line.endswith("\n") else line + "\n")
+            if stale:
+                aside = path.with_name(path.stem + ".incomplete.jsonl")
+                with aside.open("a", encoding="utf-8") as f:
+                    f.writelines(stale)
+                self.write_text(name, "".join(keep))
+
+    def finish(self, round_idx: int, stage: str, summary: dict[str, Any] | None = None) -> None:
+        """Mark a stage complete, with a small summary of what it produced."""
+        self.write_json(
+            str(self._marker(round_idx, stage).relative_to(self.root)),
+            {"round": round_idx, "stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             **(summary or {})},
+        )
+
+    def stage_summary(self, round_idx: int, stage: str) -> dict[str, Any]:
+        return json.loads(self._marker(round_idx, stage).read_text(encoding="utf-8"))

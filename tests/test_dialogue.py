@@ -1,0 +1,77 @@
+"""The dialogue stage: lockstep turns, each side's view, flushed records and transcripts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertchat.config import DialogueConfig, GenerationConfig, ModelConfig
+from expertchat.dialogue import TURNS_FILE, Dialogue, context, load_dialogues, run_dialogues, summarize
+from expertchat.models import LoadedModel
+from expertchat.store import RunStore
+from tests.conftest import make_tiny_model
+
+TOPICS = ["plate tectonics", "Byzantine coinage", "compiler inlining"]
+
+
+def tiny_pair(tok):
+    model = make_tiny_model(tok)
+    actor = LoadedModel("tiny_a", model, tok, ModelConfig(name="tiny_a"))
+    judge = LoadedModel("tiny_j", make_tiny_model(tok, seed=1), tok, ModelConfig(name="tiny_j"))
+    return {"actor": actor, "judge": judge}
+
+
+def test_views_put_own_turns_as_assistant_and_open_with_the_question():
+    cfg = DialogueConfig()
+    d = Dialogue("d", "tides", [{"role": "actor", "text": "a0"}, {"role": "judge", "text": "j1"},
+                                {"role": "actor", "text": "a2"}])
+    opening = cfg.opening.format(topic="tides")
+    assert context(d, "actor", 0, cfg) == [(False, opening)]
+    assert context(d, "judge", 1, cfg) == [(False, "a0")]
+    assert context(d, "actor", 2, cfg) == [(False, opening), (True, "a0"), (False, "j1")]
+    assert context(d, "judge", 3, cfg) == [(False, "a0"), (True, "j1"), (False, "a2")]
+
+
+def test_lockstep_dialogues_write_complete_records(smol_tokenizer, tmp_path):
+    store = RunStore(tmp_path)
+    cfg = DialogueConfig(turns=3)
+    gen = GenerationConfig(max_new_tokens=5, top_k=20)
+    dialogues = run_dialogues(tiny_pair(smol_tokenizer), TOPICS, cfg, gen, store, round_idx=0, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / TURNS_FILE).read_text().splitlines()]
+    assert len(rows) == len(TOPICS) * 3
+    keys = {"dialogue_id", "round", "turn", "role", "model", "topic", "text", "prompt_tokens", "new_tokens",
+            "finished", "seconds"}
+    assert all(keys <= set(r) for r in rows)
+    assert [r["role"] for r in rows if r["dialogue_id"] == "r0-d000"] == ["actor", "judge", "actor"]
+    assert {r["model"] for r in rows if r["role"] == "judge"} == {"tiny_j"}
+    assert all(0 < r["new_tokens"] <= 5 and r["prompt_tokens"] > 0 for r in rows)
+    # later turns see a longer context
+    by_turn = {t: [r["prompt_tokens"] for r in rows if r["turn"] == t] for t in range(3)}
+    assert min(by_turn[2]) > max(by_turn[0])
+    for d in dialogues:
+        md = (tmp_path / "dialogues" / f"{d.id}.md").read_text()
+        assert d.topic in md and "Turn 2 — actor" in md
+    rebuilt = load_dialogues(store, 0)
+    assert [t["text"] for t in rebuilt[1].turns] == [t["text"] for t in dialogues[1].turns]
+    s = summarize(dialogues)
+    assert s["turns"] == 9 and s["new_tokens"] == sum(r["new_tokens"] for r in rows)
+
+
+def test_same_seed_same_dialogues(smol_tokenizer, tmp_path):
+    cfg, gen = DialogueConfig(turns=2), GenerationConfig(max_new_tokens=4)
+    pair = tiny_pair(smol_tokenizer)
+    a = run_dialogues(pair, TOPICS, cfg, gen, RunStore(tmp_path / "a"), seed=3, progress=False)
+    b = run_dialogues(pair, TOPICS, cfg, gen, RunStore(tmp_path / "b"), seed=3, progress=False)
+    assert [t["text"] for d in a for t in d.turns] == [t["text"] for d in b for t in d.turns]
+
+
+@pytest.mark.slow
+def test_smollm2_real_dialogue(smollm2, tmp_path):
+    """The embedded SmolLM2 holds a real two-turn dialogue in English."""
+    pair = {"actor": smollm2, "judge": smollm2}
+    gen = GenerationConfig(max_new_tokens=24, temperature=0.7, top_k=40, top_p=0.9)
+    dialogues = run_dialogues(pair, TOPICS[:2], DialogueConfig(turns=2), gen, RunStore(tmp_path), progress=False)
+    texts = [t["text"] for d in dialogues for t in d.turns]
+    assert all(texts) and sum(len(t.split()) for t in texts) >= 20
+    assert all(t.isascii() or any(c.isalpha() for c in t) for t in texts)

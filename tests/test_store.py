@@ -1,0 +1,51 @@
+"""The run folder: flushed appends, stage markers, and resuming without duplicate records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertchat.store import RunStore
+
+
+def test_append_is_flushed_and_readable(tmp_path):
+    store = RunStore(tmp_path)
+    store.append("turns.jsonl", {"round": 0, "text": "é"})
+    assert json.loads((tmp_path / "turns.jsonl").read_text(encoding="utf-8")) == {"round": 0, "text": "é"}
+    store.append("turns.jsonl", {"round": 1, "text": "b"})
+    assert [r["text"] for r in store.read("turns.jsonl", round=1)] == ["b"]
+
+
+def test_read_skips_a_line_cut_mid_write(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"a": 1}\n{"a": ')
+    assert RunStore(tmp_path).read("x.jsonl") == [{"a": 1}]
+
+
+def test_stage_markers(tmp_path):
+    store = RunStore(tmp_path)
+    assert not store.done(0, "dialogue")
+    store.finish(0, "dialogue", {"turns": 8})
+    assert store.done(0, "dialogue") and not store.done(1, "dialogue")
+    assert store.stage_summary(0, "dialogue")["turns"] == 8
+    with pytest.raises(RuntimeError):
+        store.begin(0, "dialogue", ["turns.jsonl"])
+
+
+def test_restarting_an_interrupted_stage_moves_its_records_aside(tmp_path):
+    store = RunStore(tmp_path)
+    store.append("turns.jsonl", {"round": 0, "turn": 0})
+    store.finish(0, "dialogue")
+    store.append("turns.jsonl", {"round": 1, "turn": 0})  # round 1 was interrupted after one record
+    (tmp_path / "turns.jsonl").open("a").write('{"round": 1, "tu')  # and a cut line
+    store.begin(1, "dialogue", ["turns.jsonl", "missing.jsonl"])
+    assert store.read("turns.jsonl") == [{"round": 0, "turn": 0}]
+    aside = (tmp_path / "turns.incomplete.jsonl").read_text().splitlines()
+    assert aside[0] == '{"round": 1, "turn": 0}' and len(aside) == 2
+
+
+def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path):
+    store = RunStore(tmp_path)
+    store.write_json("a/b.json", {"x": 1})
+    assert store.read_json("a/b.json") == {"x": 1}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]

@@ -1,0 +1,71 @@
+"""Topic sources: built-in, JSONL (incl. the real MT-Bench file), Hugging Face cache, model-generated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertchat.config import TopicsConfig
+from expertchat.errors import ExpertChatError
+from expertchat.topics import first_sentence, get_field, load_topics
+from tests.conftest import SHARED_DATA
+
+
+def test_builtin_cycles_when_shorter():
+    cfg = TopicsConfig(items=["a", "b", " "])
+    assert load_topics(cfg, 5) == ["a", "b", "a", "b", "a"]
+
+
+def test_builtin_shuffle_is_seeded():
+    cfg = TopicsConfig(items=[str(i) for i in range(20)], shuffle=True)
+    assert load_topics(cfg, 20, seed=1) == load_topics(cfg, 20, seed=1) != load_topics(cfg, 20, seed=2)
+
+
+def test_empty_topic_list_is_an_error():
+    with pytest.raises(ExpertChatError, match="no topics"):
+        load_topics(TopicsConfig(items=[]), 3)
+
+
+def test_mt_bench_questions_with_turns_0():
+    path = SHARED_DATA / "mt_bench_questions.jsonl"
+    topics = load_topics(TopicsConfig(source="jsonl", path=str(path), field="turns[0]"), 80)
+    first = json.loads(path.read_text().splitlines()[0])["turns"][0]
+    assert topics[0] == first.strip() and len(set(topics)) == 80
+
+
+@pytest.mark.parametrize("record, path, value", [
+    ({"a": {"b": [1, 2]}}, "a.b[1]", 2), ({"turns": ["x"]}, "turns.0", "x"), ({"t": "v"}, "t", "v"),
+])
+def test_get_field(record, path, value):
+    assert get_field(record, path) == value
+
+
+def test_missing_file_and_field_name_the_path(tmp_path):
+    with pytest.raises(ExpertChatError, match="topics file not found: .*nope.jsonl"):
+        load_topics(TopicsConfig(source="jsonl", path=str(tmp_path / "nope.jsonl")), 1)
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"question": "q1"}\n\n{"other": 1}\n')
+    with pytest.raises(ExpertChatError, match=r"t\.jsonl:3: no field 'question'"):
+        load_topics(TopicsConfig(source="jsonl", path=str(f), field="question"), 1)
+    with pytest.raises(ExpertChatError, match="topics.path is not set"):
+        load_topics(TopicsConfig(source="jsonl"), 1)
+
+
+def test_bad_json_names_the_line(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"topic": "a"}\n{broken\n')
+    with pytest.raises(ExpertChatError, match=r"t\.jsonl:2: not valid JSON"):
+        load_topics(TopicsConfig(source="jsonl", path=str(f)), 1)
+
+
+def test_hf_dataset_not_cached_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ExpertChatError, match="not in the local cache"):
+        load_topics(TopicsConfig(source="hf", dataset="no-such-org/no-such-dataset"), 1)
+
+
+def test_first_sentence():
+    assert first_sentence('"The ethics of AI." And more') == "The ethics of AI."
+    assert first_sentence("no stop") == "no stop"
