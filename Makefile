@@ -43,6 +43,7 @@ test-all: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(PY) experiments/benchmarks/bench_dialogue.py
+	$(PY) experiments/benchmarks/bench_rating.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from expertchat import dialogue
+from expertchat import dialogue, judging, tracking, training
 from expertchat.config import ExpertChatConfig
 from expertchat.models import load_pair
 from expertchat.store import RunStore
@@ -21,7 +21,26 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: ExpertChatConfig) -> dict[str, Any]:
-    """Run the experiment described by ``cfg`` in ``cfg.run_dir``; return the last round's summaries."""
+    """Run the experiment described by ``cfg`` in ``cfg.run_dir``; return the last round's summaries.
+
+    One tracker per job (``tracker=none|wandb``), finished in every case; a failed job marks its run failed.
+    ``mode=rate`` rates a JSONL file of (question, answer) records instead (``expertchat/rate.py``).
+    """
+    if cfg.mode == "rate":
+        from expertchat import rate
+
+        return rate.run(cfg)
+    tracker = tracking.make_tracker(cfg.tracker, cfg.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    try:
+        summary = _run(cfg, tracker)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return summary
+
+
+def _run(cfg: ExpertChatConfig, tracker: tracking.Tracker) -> dict[str, Any]:
     store = RunStore(cfg.run_dir)
     n = cfg.topics.n
     topics = None  # chosen once and kept in topics.json, so a resumed run holds the same dialogues
@@ -36,6 +55,12 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
                                        seed=cfg.seed)
         store.write_json("topics.json", topics)
     topics = store.read_json("topics.json")
+    # Each role's policy: a LoRA adapter per role (one base + two adapters when both roles share the weights).
+    # From here on every stage sees the models through these views; a resumed run reloads the last adapters.
+    policies = training.Policies(models, cfg.training)
+    policies.restore(store, cfg.rounds)
+    models = policies.models
+    reward_for = None  # the partner-as-judge reward factory, built once when a training stage first needs it
 
     summary: dict[str, Any] = {}
     for r in range(cfg.rounds):
@@ -46,4 +71,30 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
             store.finish(r, "dialogue", dialogue.summarize(dialogues))
         summary["dialogue"] = store.stage_summary(r, "dialogue")
         log.info("round %d dialogue: %s", r, summary["dialogue"])
+
+        if not store.done(r, "rating"):  # each model rates every turn of the other -> ratings.jsonl
+            store.begin(r, "rating", [judging.RATINGS_FILE])
+            rated = judging.run_rating(models, dialogue.load_dialogues(store, r), cfg.dialogue, cfg.judging,
+                                       cfg.reward, store, round_idx=r, progress=cfg.progress)
+            store.finish(r, "rating", rated)
+            tracker.log({f"rating/{role}_{k}": s[k] for role, s in rated["models"].items()
+                         for k in ("score_mean", "reward_mean") if s[k] is not None}, step=r)
+        summary["rating"] = store.stage_summary(r, "rating")
+        for role, s in summary["rating"]["models"].items():
+            log.info("round %d rating of %s by %s: score %s, reward %s (%d/%d scored)", r, role, s["rater"],
+                     s["score_mean"], s["reward_mean"], s["scored"], s["rated"])
+
+        if not store.done(r, "training"):
+            store.begin(r, "training", [training.TRAIN_METRICS_FILE])
+            if reward_for is None and cfg.training.steps > 0:
+                from expertchat.rewards import reward_for as make_reward_for
+
+                reward_for = make_reward_for(cfg.judging, cfg.reward)
+            result = policies.train_round(r, dialogue.load_dialogues(store, r), reward_for, cfg.dialogue, store,
+                                          tracker, seed=cfg.seed, progress=cfg.progress)
+            store.finish(r, "training", result)
+            training.write_rewards_by_round(store, cfg.rounds)
+        summary["training"] = store.stage_summary(r, "training")
+        log.info("round %d training: %s", r, {role: {k: s.get(k) for k in ("steps", "reward_mean", "masked_fraction")}
+                                              for role, s in summary["training"].get("roles", {}).items()})
     return summary

@@ -42,7 +42,7 @@ def test_every_model_composes_in_both_roles(role, name):
     assert getattr(cfg, role).name == name
 
 
-@pytest.mark.parametrize("group", ["generation", "topics", "dialogue"])
+@pytest.mark.parametrize("group", ["generation", "topics", "dialogue", "training", "tracker", "judging", "reward"])
 def test_every_option_of_every_group_composes(group):
     assert options(group), f"conf/{group} is empty"
     for name in options(group):
@@ -78,6 +78,22 @@ def test_contrastive_generation_group():
         ("generation.strategy=beam", "generation.strategy"),
         ("actor.dtype=int3", "dtype"),
         ("rounds=0", "rounds"),
+        ("training.steps=-1", "training.steps"),
+        ("training.tie_tolerance=-0.1", "training.tie_tolerance"),
+        ("training.loss_type=hinge", "training.loss_type"),
+        ("training.method=qlora", "training.method"),
+        ("tracker.backend=mlflow", "tracker.backend"),
+        ("reward.zeta=1.5", "reward.zeta"),
+        ("reward.zeta=-0.1", "reward.zeta"),
+        ("reward.empty_wim_similarity=2", "reward.empty_wim_similarity"),
+        ("judging.rubric.depth.weight=-1", "judging.rubric.depth.weight"),
+        ("judging.rubric.knowledge.signal=vibes", "judging.rubric.knowledge.signal"),
+        ("judging.mode=vote", "judging.mode"),
+        ("judging.on_parse_failure=zero", "judging.on_parse_failure"),
+        ("judging.neutral_score=11", "judging.neutral_score"),
+        ("judging.prompt='{question}'", "judging.prompt"),
+        ("mode=rate", "rate.input"),
+        ("mode=judge", "mode"),
         ("dialogue.opening='{subject}'", "dialogue.opening"),
     ],
 )
@@ -95,3 +111,27 @@ def test_wrong_type_is_rejected_at_composition():
 def test_unknown_key_is_rejected_at_composition():
     with pytest.raises(Exception, match="temprature"):
         compose_cfg("generation.temprature=1.0")
+
+
+def test_full_fine_tuning_has_no_base_reference():
+    with pytest.raises(ExpertChatError, match=r"training\.reference"):
+        compose_cfg("training.method=full", "training.reference=base")
+
+
+def test_training_and_tracker_defaults_fit_the_cpu_budget():
+    cfg = compose_cfg()
+    assert cfg.tracker.backend == "none"
+    assert cfg.training.bidirectional and cfg.training.method == "lora" and cfg.training.reference == "previous"
+    assert 0 < cfg.training.steps <= 8 and not cfg.training.gradient_checkpointing
+
+
+def test_judging_and_reward_presets():
+    cfg = compose_cfg()
+    assert cfg.judging.mode == "expected" and cfg.reward.zeta == 0.4 and cfg.reward.empty_wim_similarity == 1.0
+    assert {"knowledge", "depth", "human_expert_likeness"} <= set(cfg.judging.rubric)
+    assert {c.signal for c in cfg.judging.rubric.values()} == {"likelihood", "rubric"}  # the small-judge default
+    assert {c.signal for c in compose_cfg("judging=rubric").judging.rubric.values()} == {"rubric"}
+    assert compose_cfg("judging=parse").judging.mode == "parse"
+    assert compose_cfg("reward=rating_only").reward.zeta == 0.0 and compose_cfg("reward=wim_only").reward.zeta == 1.0
+    rate = compose_cfg("mode=rate", "rate.input=x.jsonl").rate
+    assert (rate.question_field, rate.answer_field, rate.id_field) == ("question", "answer", "id")

@@ -3,6 +3,8 @@ prompt order and truncation, and the preallocated KV cache. All on tiny random L
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,16 +35,16 @@ def model(smol_tokenizer):
     return make_tiny_model(smol_tokenizer, seed=1, hidden=32, layers=3)
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ------------------------------------------------------------------------------------ slow references
 
 
+@lru_cache(maxsize=None)
 @torch.inference_mode()
-def reference_contrastive(model, ids: list[int], k: int, alpha: float, max_new: int,
-                          stops: list[int]) -> tuple[list[int], bool]:
+def reference_contrastive(model, ids: tuple[int, ...], k: int, alpha: float, max_new: int) -> list[int]:
     """Contrastive search straight from its definition: one sequence, no cache, everything recomputed, fp32.
 
     score(v) = (1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j) over the top-k tokens v, where h_v is the
@@ -63,22 +65,19 @@ def reference_contrastive(model, ids: list[int], k: int, alpha: float, max_new: 
                 best_score, best = score, v
         ids.append(best)
         new.append(best)
-        if best in stops:
-            return new[:-1], True
-    return new, False
+    return new
 
 
+@lru_cache(maxsize=None)
 @torch.inference_mode()
-def reference_greedy(model, ids: list[int], max_new: int, stops: list[int]) -> tuple[list[int], bool]:
+def reference_greedy(model, ids: tuple[int, ...], max_new: int) -> list[int]:
     """Greedy decoding, one sequence, no cache."""
     ids, new = list(ids), []
     for _ in range(max_new):
         token = int(model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].argmax())
         ids.append(token)
         new.append(token)
-        if token in stops:
-            return new[:-1], True
-    return new, False
+    return new
 
 
 def until_stop(tokens: list[int], stop: int) -> tuple[list[int], bool]:
@@ -101,13 +100,13 @@ def test_contrastive_matches_reference(model, smol_tokenizer, prompts, alpha, k)
     cfg = GenerationConfig(strategy="contrastive", top_k=k, penalty_alpha=alpha, max_new_tokens=8)
     outputs = generate(model, smol_tokenizer, prompts, cfg, stop_token_ids=[])
     for prompt, out in zip(prompts, outputs):
-        expected, finished = reference_contrastive(model, encode(smol_tokenizer, prompt), k, alpha, 8, [])
+        expected = reference_contrastive(model, encode(smol_tokenizer, prompt), k, alpha, 8)
         assert out.token_ids == expected
         assert not out.finished and out.new_tokens == 8
         assert out.prompt_tokens == len(encode(smol_tokenizer, prompt))
     if alpha == 0.0 or k == 1:  # degenerates to greedy decoding
         for prompt, out in zip(prompts, outputs):
-            assert out.token_ids == reference_greedy(model, encode(smol_tokenizer, prompt), 8, [])[0]
+            assert out.token_ids == reference_greedy(model, encode(smol_tokenizer, prompt), 8)
 
 
 def test_contrastive_penalty_changes_the_output(model, smol_tokenizer, prompts):
@@ -121,7 +120,7 @@ def test_contrastive_penalty_changes_the_output(model, smol_tokenizer, prompts):
 def test_contrastive_stop_tokens_drop_finished_rows(model, smol_tokenizer, prompts):
     """A stop id that one sequence produces mid-way: it ends there, the others go on exactly as before."""
     k, alpha, max_new = 3, 0.5, 10
-    free = [reference_contrastive(model, encode(smol_tokenizer, p), k, alpha, max_new, [])[0] for p in prompts]
+    free = [reference_contrastive(model, encode(smol_tokenizer, p), k, alpha, max_new) for p in prompts]
     stop = free[1][3]
     cfg = GenerationConfig(strategy="contrastive", top_k=k, penalty_alpha=alpha, max_new_tokens=max_new,
                            batch_size=3)  # two chunks
@@ -141,7 +140,7 @@ def test_top_k_1_is_greedy_and_batched_equals_single(model, smol_tokenizer, prom
     for prompt, out in zip(prompts, batched):
         single = generate(model, smol_tokenizer, [prompt], cfg, stop_token_ids=[], seed=3)[0]
         assert out == single
-        assert out.token_ids == reference_greedy(model, encode(smol_tokenizer, prompt), 12, [])[0]
+        assert out.token_ids == reference_greedy(model, encode(smol_tokenizer, prompt), 12)
 
 
 def test_sampling_is_seeded(model, smol_tokenizer, prompts):
@@ -159,7 +158,7 @@ def test_results_follow_input_order(model, smol_tokenizer, prompts):
     outputs = generate(model, smol_tokenizer, shuffled, cfg, stop_token_ids=[])
     assert [o.prompt_tokens for o in outputs] == [len(encode(smol_tokenizer, p)) for p in shuffled]
     for prompt, out in zip(shuffled, outputs):
-        assert out.token_ids == reference_greedy(model, encode(smol_tokenizer, prompt), 6, [])[0]
+        assert out.token_ids == reference_greedy(model, encode(smol_tokenizer, prompt), 6)
         assert out.text == smol_tokenizer.decode(out.token_ids, skip_special_tokens=True).strip()
     assert outputs[0] == outputs[4]
     assert generate(model, smol_tokenizer, [], cfg) == []
@@ -172,14 +171,14 @@ def test_prompts_are_truncated_from_the_left(model, smol_tokenizer, prompts):
     cfg = GenerationConfig(strategy="sample", top_k=1, max_new_tokens=6)
     cut, whole = generate(model, smol_tokenizer, [prompts[3], tail], cfg, stop_token_ids=[], max_prompt_tokens=9)
     assert cut.prompt_tokens == whole.prompt_tokens == 9
-    assert cut.token_ids == whole.token_ids == reference_greedy(model, ids[-9:], 6, [])[0]
+    assert cut.token_ids == whole.token_ids == reference_greedy(model, ids[-9:], 6)
     short = generate(model, smol_tokenizer, [prompts[0]], cfg, stop_token_ids=[], max_prompt_tokens=10_000)[0]
     assert short.prompt_tokens == len(encode(smol_tokenizer, prompts[0]))
 
 
 def test_stop_tokens_end_sequences(model, smol_tokenizer, prompts):
     max_new = 12
-    free = [reference_greedy(model, encode(smol_tokenizer, p), max_new, [])[0] for p in prompts]
+    free = [reference_greedy(model, encode(smol_tokenizer, p), max_new) for p in prompts]
     stop = free[2][4]
     cfg = GenerationConfig(strategy="sample", top_k=1, max_new_tokens=max_new)
     outputs = generate(model, smol_tokenizer, prompts, cfg, stop_token_ids=[stop])

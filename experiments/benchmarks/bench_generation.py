@@ -1,6 +1,7 @@
 """Decoding throughput on the embedded SmolLM2, in one process: ``model.generate`` vs ``expertchat.generation``.
 
     python experiments/benchmarks/bench_generation.py [--n 32] [--new-tokens 64] [--rounds 3] [--quick]
+                                                      [--methods hf_sample,sample,...]
 
 ``n`` dialogue-like chat prompts (rendered with SmolLM2's template: a persona, then 1 to 5 turns) are decoded
 as ONE batch of ``n`` with ``new-tokens`` new tokens, in the model's own dtype (bf16 where the CPU has it).
@@ -9,7 +10,8 @@ period of a shared machine hits them all); each value is the median over the rou
 
 Methods (tokens/s of wall time; ``*_x`` = that method's speed-up over its ``model.generate`` counterpart
 (``hf_greedy`` for ``greedy``, ``hf_sample_eos`` for ``sample_eos``, else ``hf_sample``), the median of the
-per-round ratios; ``contrastive_full_copy_x`` is relative to ``contrastive``):
+per-round ratios; the ablations are relative to the method they change: below 1 = what the optimisation
+buys):
 
 * ``hf_sample`` / ``hf_greedy``: ``model.generate`` (sampling at temperature 1 / greedy);
 * ``sample`` / ``greedy`` / ``contrastive``: :func:`expertchat.generation.generate` (contrastive: k=4,
@@ -21,7 +23,9 @@ per-round ratios; ``contrastive_full_copy_x`` is relative to ``contrastive``):
   implementation does, instead of copying only the newest position);
 * ``hf_sample_eos`` / ``sample_eos``: with the real stop token (the other methods use a stop id that never
   comes, so all rows make ``new-tokens`` tokens); useful tokens per second: generate keeps computing
-  finished rows, ``generate()`` drops them from the batch.
+  finished rows, ``generate()`` drops them from the batch;
+* ``prefill``: ``generate()`` with one new token: ``prefill_s`` is its time, ``sample_decode_tok_s`` the
+  speed of ``sample`` without it (the prompts cost the same in every method).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="only hf_sample, sample, greedy, contrastive")
+    parser.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     args = parser.parse_args()
 
     lm = load_model(smollm2_config())
@@ -126,6 +131,7 @@ def main() -> None:
         "sample": lambda: ours(sample, [never]),
         "greedy": lambda: ours(greedy, [never]),
         "contrastive": lambda: ours(contrastive, [never]),
+        "prefill": lambda: ours(GenerationConfig(max_new_tokens=1, batch_size=batch), [never]),
     }
     if not args.quick:
         original_make_cache = generation.make_cache
@@ -141,14 +147,20 @@ def main() -> None:
             "sample_eos": lambda: ours(sample, real_stops),
         })
 
-    speeds: dict[str, list[float]] = {name: [] for name in methods}
+    if args.methods:
+        methods = {name: methods[name] for name in args.methods.split(",")}
+
+    speeds: dict[str, list[float]] = {name: [] for name in methods}  # tokens / s
+    times: dict[str, list[float]] = {name: [] for name in methods}  # s
     for name, fn in methods.items():  # warm-up (oneDNN kernels, allocator)
         fn()
-    for _ in range(args.rounds):
+    for round_idx in range(args.rounds):
         for name, fn in methods.items():
             start = time.perf_counter()
             tokens = fn()
-            speeds[name].append(tokens / (time.perf_counter() - start))
+            times[name].append(time.perf_counter() - start)
+            speeds[name].append(tokens / times[name][-1])
+            print(f"round {round_idx} {name}: {speeds[name][-1]:.1f} tok/s", file=sys.stderr, flush=True)
     result: dict[str, object] = {
         "n": batch, "new_tokens": new, "dtype": str(model.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "rounds": args.rounds,
@@ -156,11 +168,18 @@ def main() -> None:
         "prompt_tokens_min": int(enc.attention_mask.sum(-1).min()),
     }
     for name, values in speeds.items():
-        result[f"{name}_tok_s"] = round(statistics.median(values), 1)
-    baselines = {"greedy": "hf_greedy", "sample_eos": "hf_sample_eos", "contrastive_full_copy": "contrastive"}
+        if name != "prefill":
+            result[f"{name}_tok_s"] = round(statistics.median(values), 1)
+    if "prefill" in times:
+        result["prefill_s"] = round(statistics.median(times["prefill"]), 2)
+        if "sample" in times:  # the tokens after the first, over the time after the prefill
+            result["sample_decode_tok_s"] = round(statistics.median(
+                batch * (new - 1) / (t - p) for t, p in zip(times["sample"], times["prefill"])), 1)
+    baselines = {"greedy": "hf_greedy", "sample_eos": "hf_sample_eos", "contrastive_full_copy": "contrastive",
+                 "sample_dynamic_cache": "sample", "sample_multinomial": "sample"}
     for name, values in speeds.items():
         base = speeds.get(baselines.get(name, "hf_sample"))
-        if not name.startswith("hf_") and base:
+        if not name.startswith("hf_") and name != "prefill" and base:
             result[f"{name}_x"] = round(statistics.median(v / b for v, b in zip(values, base)), 2)
     print(json.dumps(result))
 
