@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE = 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-slow test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed-dev      # the embedded models on real work (~2 min): e.g. a LoRA policy learning a reward
+	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

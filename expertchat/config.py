@@ -214,7 +214,7 @@ class RubricCategory:
 
 def _default_rubric() -> dict[str, RubricCategory]:
     # The default for small judges (measured in experiments/judge_sanity): a 135M judge's rubric score cannot
-    # tell a good answer from a poor one (48% of labelled pairs), its likelihood can (94%).
+    # tell a good answer from a poor one (44% of labelled pairs), its likelihood can (90%).
     return {
         "knowledge": RubricCategory("Is the response correct, relevant to what was asked, and does it show "
                                     "real knowledge of the topic?", 1.0, "likelihood"),
