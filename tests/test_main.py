@@ -21,7 +21,9 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
                           capture_output=True, text=True, timeout=900)
 
 
-def test_smoke_experiment_writes_complete_turns(tmp_path):
+def test_smoke_experiment_runs_the_whole_loop(tmp_path):
+    """dialogue -> rating -> training -> saved adapters through the CLI, on the embedded SmolLM2; a rerun into
+    the same folder resumes and duplicates nothing."""
     out = tmp_path / "run"
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -29,13 +31,23 @@ def test_smoke_experiment_writes_complete_turns(tmp_path):
     assert len(rows) == 2 * 2
     assert {(r["dialogue_id"], r["turn"]) for r in rows} == {(f"r0-d00{i}", t) for i in range(2) for t in range(2)}
     assert all(r["model"] == "smollm2_135m" and r["new_tokens"] <= 8 and r["text"] for r in rows)
-    assert (out / "stages" / "round_0.dialogue.json").exists()
     assert len(list((out / "dialogues").glob("*.md"))) == 2
     assert json.loads((out / "topics.json").read_text())[0].startswith("How CRISPR")
+    # every turn rated by the other model, with every component of the reward
+    ratings = [json.loads(line) for line in (out / "ratings.jsonl").read_text().splitlines()]
+    assert sorted((r["ratee"], r["rater"]) for r in ratings) == [("actor", "judge")] * 2 + [("judge", "actor")] * 2
+    assert all(-1 <= r["reward"] <= 1 and 1 <= r["score"] <= 10 and r["similarity_status"] for r in ratings)
+    # one DPO step per model, adapters saved and loadable, the mean reward per round per model kept
+    for role in ("actor", "judge"):
+        assert (out / "adapters" / "round_0" / role / "adapter_config.json").exists()
+    assert {r["model"] for r in json.loads((out / "rewards_by_round.json").read_text())} == {"actor", "judge"}
+    assert {s for s in ("dialogue", "rating", "training") if (out / "stages" / f"round_0.{s}.json").exists()} == {
+        "dialogue", "rating", "training"}
+    files = {name: (out / name).read_text() for name in ("turns.jsonl", "ratings.jsonl", "train_metrics.jsonl")}
     # rerunning into the same folder resumes: nothing is regenerated or duplicated
     again = run_cli("+experiment=smoke", f"hydra.run.dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len((out / "turns.jsonl").read_text().splitlines()) == 4
+    assert {name: (out / name).read_text() for name in files} == files
 
 
 @pytest.mark.parametrize("args, expected", [
