@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,12 +98,24 @@ class RunStore:
                 self.write_text(name, "".join(keep))
 
     def finish(self, round_idx: int, stage: str, summary: dict[str, Any] | None = None) -> None:
-        """Mark a stage complete, with a small summary of what it produced."""
+        """Mark a stage complete, with a small summary of what it produced and the process's peak memory so far."""
         self.write_json(
             str(self._marker(round_idx, stage).relative_to(self.root)),
             {"round": round_idx, "stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             **(summary or {})},
+             **(summary or {}), **peak_memory()},
         )
 
     def stage_summary(self, round_idx: int, stage: str) -> dict[str, Any]:
         return json.loads(self._marker(round_idx, stage).read_text(encoding="utf-8"))
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far, in GB: resident set (``peak_rss_gb``) and, where CUDA has been used,
+    GPU memory allocated on any device (``peak_gpu_gb``)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9, 3)}
+    torch = sys.modules.get("torch")  # never imported here just for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_gb"] = round(max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+                                   / 1e9, 3)
+    return out

@@ -28,6 +28,7 @@ def test_stage_markers(tmp_path):
     store.finish(0, "dialogue", {"turns": 8})
     assert store.done(0, "dialogue") and not store.done(1, "dialogue")
     assert store.stage_summary(0, "dialogue")["turns"] == 8
+    assert store.stage_summary(0, "dialogue")["peak_rss_gb"] > 0  # the process's peak memory so far
     with pytest.raises(RuntimeError):
         store.begin(0, "dialogue", ["turns.jsonl"])
 
