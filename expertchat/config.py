@@ -389,6 +389,9 @@ class ExpertChatConfig:
         _check(self.mode != "rate" or bool(self.rate.input), "rate.input",
                "is not set: mode=rate needs rate.input=FILE.jsonl")
         _check(self.rounds > 0, "rounds", "must be > 0")
+        _check(self.reward.zeta == 0 or self.judging.wim, "judging.wim",
+               f"is false but reward.zeta is {self.reward.zeta}: the WIM part of the reward needs the critique; set "
+               f"judging.wim=true or reward=rating_only")
 
 
 def register() -> None:

@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 SCORES = tuple(range(1, 11))
 LOGITS_BUDGET = 2 ** 27  # most logits kept at once for the likelihood (x 2 bytes in bf16: 256 MiB)
-_SPLIT = ("\x1eCTX\x1e", "\x1eANS\x1e", "\x1eINS\x1e")  # sentinels that split a rendered judge prompt
+# Sentinels that split a rendered judge prompt: private-use characters, which no chat template strips (Llama 3's
+# ``| trim`` strips whitespace, and control characters such as \x1e count as whitespace in Python).
+_SPLIT = ("\ue000CTX\ue001", "\ue000ANS\ue001", "\ue000INS\ue001")
 
 
 # ------------------------------------------------------------------------------------------------- records
@@ -256,6 +258,8 @@ def token_pmi(cond: torch.Tensor, uncond: torch.Tensor, copied: torch.Tensor | N
 def likelihood_score(pmi: float, cfg: JudgingConfig, n_tokens: int = 1) -> float:
     """Map the PMI of an answer with its context (nats) to [1, 10]: 5.5 at ``likelihood_center``, logistic."""
     value = pmi / max(n_tokens, 1) if cfg.likelihood_per_token else pmi
+    if not math.isfinite(value):  # a numerical failure of the judge: no score (the turn is skipped, counted)
+        return math.nan
     z = max(-60.0, min(60.0, (value - cfg.likelihood_center) / cfg.likelihood_scale))
     return 1.0 + 9.0 / (1.0 + math.exp(-z))
 
@@ -467,7 +471,7 @@ class Judge:
         self.cfg = cfg
         self.prompts = JudgePrompts(lm.tokenizer, cfg)
         self.counts: dict[str, int] = {"items": 0, "parse_failures": 0, "skipped": 0, "neutral": 0,
-                                       "empty_answers": 0, "empty_wims": 0, "truncated_wims": 0}
+                                       "empty_answers": 0, "empty_wims": 0, "truncated_wims": 0, "non_finite": 0}
         self.seconds: dict[str, float] = {"parse_generation": 0.0, "wim_generation": 0.0}  # parse mode
 
     # ------------------------------------------------------------------------------------------ public
@@ -677,6 +681,10 @@ class Judge:
             score = weighted_score(cats, cfg)
             status = "neutral" if neutral else "ok"
             self.counts["neutral"] += int(neutral)
+            if score is None:  # a non-finite category score (e.g. fp16 overflow in the judge): skipped, counted
+                status = "skipped"
+                self.counts["skipped"] += 1
+                self.counts["non_finite"] += 1
         j = Judgement(categories=cats, score=score, status=status, pmi=raw.get("pmi"),
                       answer_tokens=raw["answer_tokens"])
         if wim:
@@ -702,7 +710,7 @@ def weighted_score(cats: dict[str, CategoryScore], cfg: JudgingConfig) -> float 
     total = weight = 0.0
     for name, cs in cats.items():
         w = cfg.rubric[name].weight
-        if cs.score is None:
+        if cs.score is None or not math.isfinite(cs.score):
             return None
         if w > 0:
             total += w * min(10.0, max(1.0, cs.score))

@@ -55,6 +55,11 @@ def _run(cfg: ExpertChatConfig, tracker: tracking.Tracker) -> dict[str, Any]:
                                        seed=cfg.seed)
         store.write_json("topics.json", topics)
     topics = store.read_json("topics.json")
+    if len(topics) < n * cfg.rounds:  # resumed with more rounds (or dialogues): keep the topics used, add new ones
+        more = load_topics(cfg.topics, n * cfg.rounds, model=actor, generation=cfg.generation, seed=cfg.seed)
+        topics += more[len(topics):]
+        store.write_json("topics.json", topics)
+        log.info("topics.json extended to %d topics for %d rounds x %d dialogues", len(topics), cfg.rounds, n)
     # Each role's policy: a LoRA adapter per role (one base + two adapters when both roles share the weights).
     # From here on every stage sees the models through these views; a resumed run reloads the last adapters.
     policies = training.Policies(models, cfg.training)

@@ -163,6 +163,9 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
     from expertchat.rewards import load_embedder, rewards
 
     store = RunStore(cfg.run_dir)
+    if store.path(RATINGS_FILE).exists() and not store.path(SUMMARY_FILE).exists():
+        raise ExpertChatError(f"{store.path(RATINGS_FILE)} holds the ratings of a dialogue run; rate into another "
+                              f"folder (hydra.run.dir=...)")
     items, bad = read_records(cfg.rate.input or "", cfg.rate, cfg.judging.context_turns)
     for b in bad[:20]:
         log.warning("%s:%d: %s (counted as a bad record)", cfg.rate.input, b["line"], b["reason"])

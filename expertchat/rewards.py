@@ -219,10 +219,21 @@ class JudgeReward:
         self.stats = {"calls": 0, "rated": 0, "cache_hits": 0, "unscored": 0}
         self.__name__ = f"judge_reward_{judge.lm.name}"
 
-    def parts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[RewardParts]:
-        """The reward parts of each (prompt, completion), judging only those not seen in recent calls."""
+    def parts(self, prompts: Sequence[Any], completions: Sequence[Any],
+              dialogue_context: Sequence[Sequence[str]] | None = None) -> list[RewardParts]:
+        """The reward parts of each (prompt, completion), judging only those not seen in recent calls.
+
+        ``dialogue_context`` (a dataset column of the training stage): per item, the texts of the messages before
+        the turn; the judge then reads their last ``judging.context_turns``, as in the rating stage, instead of
+        the (possibly truncated, persona-carrying) prompt.
+        """
         self.stats["calls"] += 1
-        keys = [(context_of(p, self.judge.cfg.context_turns), _text(c)) for p, c in zip(prompts, completions)]
+        turns = self.judge.cfg.context_turns
+        if dialogue_context is not None:
+            contexts = ["\n\n".join(list(texts)[-turns:]) for texts in dialogue_context]
+        else:
+            contexts = [context_of(p, turns) for p in prompts]
+        keys = [(ctx, _text(c)) for ctx, c in zip(contexts, completions)]
         todo = list(OrderedDict.fromkeys(k for k in keys if k not in self._cache))
         self.stats["cache_hits"] += len(keys) - len(todo)
         if todo:
@@ -232,24 +243,27 @@ class JudgeReward:
                 self._cache[key] = part
                 self.stats["rated"] += 1
                 self.stats["unscored"] += int(part.reward is None)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return [self._cache[k] for k in keys]
+        out = [self._cache[k] for k in keys]
+        for key in keys:  # least recently used first out
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         return self.reward(prompts, completions, **kwargs)
 
     def reward(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         """The full reward ``(1 - zeta) * rating + zeta * similarity`` per completion."""
-        return [p.reward for p in self.parts(prompts, completions)]
+        return [p.reward for p in self.parts(prompts, completions, kwargs.get("dialogue_context"))]
 
     def rating_reward(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         """``(score - 5) / 5`` per completion."""
-        return [p.rating for p in self.parts(prompts, completions)]
+        return [p.rating for p in self.parts(prompts, completions, kwargs.get("dialogue_context"))]
 
     def wim_reward(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         """The WIM similarity per completion (``None`` when the judge gave no score or zeta == 0)."""
-        return [p.similarity for p in self.parts(prompts, completions)]
+        return [p.similarity for p in self.parts(prompts, completions, kwargs.get("dialogue_context"))]
 
 
 def reward_for(judging: JudgingConfig, reward: RewardConfig) -> Callable[[LoadedModel], JudgeReward]:

@@ -11,8 +11,9 @@ Decisions (see also the TRL notes in DESIGN.md):
 * **Ties carry no preference.** TRL makes the first sample "chosen" whenever ``r1 >= r2`` and scores ``None``
   as 0. :class:`PairedReward` marks a pair as masked when ``|r1 - r2| <= training.tie_tolerance`` (default
   0.01 on a reward in [-1, 1]: below the resolution of a bf16 judge's expected score) or when either sample
-  has no finite reward; :class:`MaskedOnlineDPOTrainer` zeroes the gradient of masked pairs, so a batch of
-  ties changes nothing. Both are counted in the train metrics (``pairs/*``).
+  has no finite reward; :class:`MaskedOnlineDPOTrainer` zeroes the gradient of masked pairs and skips the
+  optimizer step when a whole batch is masked, so a batch of ties changes nothing. Both are counted in the
+  train metrics (``pairs/*``, ``skipped_steps``).
 * **Reference = the round-start policy** (``training.reference=previous``). Each role keeps ONE adapter that
   continues training across rounds, so ``adapters/round_<r>/<role>/`` alone (on the base) is the policy of
   round r. At the start of a training stage the adapter is copied into a frozen ``<role>_start`` adapter,
@@ -127,14 +128,18 @@ def fit_prompt(tokenizer: PreTrainedTokenizerBase, system: str, turns: list[tupl
 def build_prompts(dialogues: list[Dialogue], role: str, lm: LoadedModel, cfg: DialogueConfig,
                   max_tokens: int) -> list[dict[str, Any]]:
     """One conversational prompt per turn ``role`` spoke: ``{"prompt": [messages], "dialogue_id", "turn",
-    "topic"}`` (the extra columns reach the reward function as keyword arguments)."""
+    "topic", "dialogue_context"}`` (the extra columns reach the reward function as keyword arguments).
+    ``dialogue_context`` holds the texts of the messages before the turn, whole and without the persona: the
+    judge reads the same context as in the rating stage, whatever the prompt's truncation or chat template."""
     rows = []
     for d in dialogues:
         system = cfg.persona(role, d.topic)
         for t in d.turns:
             if t["role"] == role:
-                messages = fit_prompt(lm.tokenizer, system, context(d, role, t["turn"], cfg), max_tokens)
-                rows.append({"prompt": messages, "dialogue_id": d.id, "turn": t["turn"], "topic": d.topic})
+                turns = context(d, role, t["turn"], cfg)
+                messages = fit_prompt(lm.tokenizer, system, turns, max_tokens)
+                rows.append({"prompt": messages, "dialogue_id": d.id, "turn": t["turn"], "topic": d.topic,
+                             "dialogue_context": [text for _, text in turns]})
     return rows
 
 
@@ -165,6 +170,7 @@ class PairedReward:
         self.calls = 0
         self.totals = {"pairs": 0, "tied": 0, "unscored": 0}
         self.call_means: list[float] = []  # mean scored reward of each call (one per micro-batch)
+        self.skipped_steps = 0  # optimizer steps skipped because no pair of their window was kept
         self.scored_sum, self.scored_n = 0.0, 0
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
@@ -207,6 +213,7 @@ class PairedReward:
             "pairs": self.totals["pairs"], "tied_pairs": self.totals["tied"],
             "unscored_pairs": self.totals["unscored"],
             "masked_fraction": round((self.totals["tied"] + self.totals["unscored"]) / pairs, 4),
+            "skipped_steps": self.skipped_steps,
             "reward_mean": _round(self.scored_sum / self.scored_n) if self.scored_n else None,
             "reward_first_batch": _round(means[0]) if means else None,
             "reward_last_batch": _round(means[-1]) if means else None,
@@ -235,8 +242,10 @@ def trainer_class() -> type:
 
         TRL averages the DPO loss over all B pairs of a batch. Here the policy's per-token completion log-probs
         get a backward hook that multiplies the gradient rows of masked pairs (items i and i+B) by 0 and of kept
-        pairs by B / kept: the gradient is exactly that of the mean loss over the kept pairs, and zero when no
-        pair is kept (so the optimizer step changes nothing, Adam's moments being zero on a first step).
+        pairs by B / kept: the gradient is exactly that of the mean loss over the kept pairs of the micro-batch
+        (with gradient accumulation, each micro-batch averages over its own kept pairs). When no pair of an
+        accumulation window is kept, the optimizer step is skipped: a zero gradient would still move the weights
+        through Adam's moments from earlier steps. Skipped steps are counted (``skipped_steps``).
         It relies on ``training_step``'s order in TRL 1.16: policy ``_forward`` (with grad), reference
         ``_forward`` (no grad), rewards, loss (checked: a changed order raises). TRL's logged ``loss`` still
         averages over all pairs; ``pairs/*`` count what was masked.
@@ -246,8 +255,28 @@ def trainer_class() -> type:
             super().__init__(*args, reward_funcs=paired_reward, **kwargs)
             self.paired_reward = paired_reward
             self._policy_logprobs: torch.Tensor | None = None
+            self._window_kept = 0  # pairs kept since the last optimizer step (over gradient accumulation)
             for key in ("pairs/kept", "pairs/tied", "pairs/unscored"):  # appended every step (TRL divides by len)
                 self.stats[key] = []
+
+        def create_optimizer(self, model=None):
+            """The optimizer, whose step is skipped when no pair of its accumulation window was kept: a zero
+            gradient alone would still move the weights through Adam's moments (and weight decay)."""
+            optimizer = super().create_optimizer(model)
+            if getattr(optimizer, "_expertchat_guarded", False):
+                return optimizer
+            step = optimizer.step
+
+            def guarded_step(*args, **kwargs):
+                kept, self._window_kept = self._window_kept, 0
+                if kept == 0:
+                    self.paired_reward.skipped_steps += 1
+                    return None
+                return step(*args, **kwargs)
+
+            optimizer.step = guarded_step
+            optimizer._expertchat_guarded = True
+            return optimizer
 
         def _forward(self, model, *args, **kwargs):
             logprobs = super()._forward(model, *args, **kwargs)
@@ -266,6 +295,7 @@ def trainer_class() -> type:
             if kept < pairs:
                 weight = torch.cat([keep, keep]) * (pairs / max(kept, 1))
                 logprobs.register_hook(lambda grad: grad * weight.to(grad)[:, None])
+            self._window_kept += kept
             last = self.paired_reward.last
             self.stats["pairs/kept"].append(kept / pairs)
             self.stats["pairs/tied"].append(last["tied"] / pairs)
@@ -423,12 +453,24 @@ class Policies:
     def __init__(self, models: dict[str, LoadedModel], cfg: TrainingConfig) -> None:
         self.cfg = cfg
         self.base = dict(models)
+        self._amp: dict[str, torch.dtype] = {}  # full fine-tuning: role -> the half dtype its weights loaded in
         if cfg.method == "full" and models["actor"].model is models["judge"].model:
             judge = models["judge"]
             log.info("full fine-tuning: the judge gets its own copy of the shared weights")
             self.base["judge"] = LoadedModel(judge.name, copy.deepcopy(judge.model), judge.tokenizer, judge.cfg)
         if cfg.method == "full":  # frozen except while a role trains (a judge's forward then builds no graph)
-            for lm in self.base.values():
+            for role, lm in self.base.items():
+                if getattr(lm.model, "is_loaded_in_4bit", False) or getattr(lm.model, "is_loaded_in_8bit", False):
+                    raise ExpertChatError(f"training.method=full cannot train the quantized {role} model "
+                                          f"'{lm.name}': use training.method=lora (QLoRA) or {role}.load_in_4bit=false")
+                if lm.model.dtype in (torch.float16, torch.bfloat16):
+                    # AdamW on half-precision weights loses most updates (bf16: 5e-5 vanishes against |w| > 0.01)
+                    # and AMP refuses fp16 gradients: train fp32 weights (mixed precision on a GPU).
+                    log.warning("full fine-tuning: %s's weights upcast from %s to float32 (half-precision updates "
+                                "vanish); set %s.dtype=float32 to load them so", lm.name,
+                                str(lm.model.dtype).removeprefix("torch."), role)
+                    self._amp[role] = lm.model.dtype  # kept as the autocast dtype on a GPU
+                    lm.model.float()
                 lm.model.requires_grad_(False)
         self._peft: dict[int, Any] = {}  # id(base model) -> its PEFT wrapper
         self._switch: dict[int, AdapterSwitch] = {}  # id(base model) -> its adapter switch
@@ -615,17 +657,26 @@ class Policies:
             log.warning("round %d training: %s spoke no turn in this round's dialogues; not trained", round_idx, role)
             return {"skipped": "no turns of this model in the round's dialogues"}
         judge = self.frozen(partner(role))
-        reward = PairedReward(reward_for(judge), cfg.tie_tolerance, judge=f"{judge.name} as {partner(role)}")
         seed = seed + 1000 * round_idx + ROLES.index(role)
-        torch.manual_seed(seed)  # a new adapter's initialisation
-        model, ref = self._policy(role)
         scratch = tempfile.mkdtemp(prefix=f"expertchat-{role}-")  # the Trainer's output_dir: nothing is saved there
-        trainer = trainer_class()(
-            model=model, ref_model=ref, paired_reward=reward,
-            args=self._args(scratch, budget, seed, model, progress),
-            train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
-            callbacks=[metrics_callback(store, tracker, round_idx, role, step_offset=round_idx * cfg.steps)],
-        )
+        try:
+            reward = PairedReward(reward_for(judge), cfg.tie_tolerance, judge=f"{judge.name} as {partner(role)}")
+            torch.manual_seed(seed)  # a new adapter's initialisation
+            model, ref = self._policy(role)
+            trainer = trainer_class()(
+                model=model, ref_model=ref, paired_reward=reward,
+                args=self._args(scratch, budget, seed, model, progress, amp=self._amp.get(role)),
+                train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
+                callbacks=[metrics_callback(store, tracker, round_idx, role, step_offset=round_idx * cfg.steps)],
+            )
+        except ExpertChatError:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - TRL / PEFT set-up errors as one line
+            shutil.rmtree(scratch, ignore_errors=True)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ExpertChatError(f"training round {round_idx} ({role}) could not start: {type(exc).__name__}: "
+                                  f"{first}") from exc
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; ours go to the tracker
@@ -686,7 +737,8 @@ class Policies:
                 p.requires_grad_(False)
         model.eval()
 
-    def _args(self, output_dir: str, budget: int, seed: int, model: torch.nn.Module, progress: bool):
+    def _args(self, output_dir: str, budget: int, seed: int, model: torch.nn.Module, progress: bool,
+              amp: torch.dtype | None = None):
         from trl.experimental.online_dpo import OnlineDPOConfig
 
         cfg = self.cfg
@@ -694,7 +746,7 @@ class Policies:
         cuda = param.device.type == "cuda"
         # TRL defaults to bf16 autocast, and accelerate then patches the model's forward for good: on a CPU (and
         # for fp32 models) that changes later stages' numerics. Mixed precision only on a GPU, in the base's dtype.
-        dtype = getattr(model, "dtype", param.dtype)
+        dtype = amp or getattr(model, "dtype", param.dtype)
         return OnlineDPOConfig(
             output_dir=output_dir,
             max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,

@@ -86,6 +86,7 @@ def test_contrastive_generation_group():
         ("reward.zeta=1.5", "reward.zeta"),
         ("reward.zeta=-0.1", "reward.zeta"),
         ("reward.empty_wim_similarity=2", "reward.empty_wim_similarity"),
+        ("judging.wim=false", "judging.wim"),  # with reward.zeta 0.4: the WIM part would silently be 0
         ("judging.rubric.depth.weight=-1", "judging.rubric.depth.weight"),
         ("judging.rubric.knowledge.signal=vibes", "judging.rubric.knowledge.signal"),
         ("judging.mode=vote", "judging.mode"),

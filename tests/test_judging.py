@@ -17,10 +17,10 @@ from expertchat.config import DialogueConfig, JudgingConfig, ModelConfig, Reward
 from expertchat.dialogue import Dialogue
 from expertchat.generation import Generated
 from expertchat.judging import (
-    Judge, RatingItem, clean_wim, copied_mask, parse_rating, parse_wim, score_distribution, score_tokens)
+    Judge, JudgePrompts, RatingItem, clean_wim, copied_mask, parse_rating, parse_wim, score_distribution, score_tokens)
 from expertchat.models import LoadedModel
 from expertchat.store import RunStore
-from tests.conftest import make_tiny_model
+from tests.conftest import SHARED_DATA, make_tiny_model
 
 PAIRS = Path(__file__).parent / "data" / "judge_pairs.jsonl"
 ITEMS = [
@@ -262,6 +262,20 @@ def test_an_empty_turn_scores_lowest_and_is_counted(smol_tokenizer, answer):
     assert judge.counts["empty_answers"] == 1
 
 
+def test_a_judge_that_computes_nan_skips_the_turn_and_counts_it(smol_tokenizer):
+    """NaN logits (e.g. an fp16 overflow) give no score, never an extreme one; the turn is skipped and counted."""
+    from expertchat.rewards import rewards
+
+    judge = tiny_judge(smol_tokenizer)
+    with torch.no_grad():
+        judge.lm.model.lm_head.weight.fill_(float("nan"))
+    [j] = judge.rate([RatingItem("Why is the sky blue?", "Rayleigh scattering.")], wim=False)
+    assert j.score is None and j.status == "skipped"
+    assert judge.counts["non_finite"] == 1 and judge.counts["skipped"] == 1
+    [parts] = rewards([j], ["Rayleigh scattering."], RewardConfig(zeta=0.0), None)
+    assert parts.reward is None  # no reward: a trainer masks the pair, it is not scored 0
+
+
 def test_long_context_and_answer_are_capped(smol_tokenizer):
     judge = tiny_judge(smol_tokenizer, max_context_tokens=16, max_answer_tokens=24)
     big = "word " * 5000
@@ -394,3 +408,23 @@ def test_default_judge_prefers_good_answers_on_labelled_pairs(smollm2):
     assert rate >= 0.75, f"win rate {rate:.0%}"
     assert sum(off) / len(off) >= 0.75
     assert _binom_p(sum(wins), len(wins)) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama3_8b_instruct", "mixtral_8x7b_instruct"])
+def test_judge_prompts_render_with_the_real_chat_templates(smol_tokenizer, name):
+    """The judge's prompt survives each real template (Llama 3 trims message contents; Mixtral has no system
+    role): context and answer appear once each, in order, and the instruction follows them."""
+    import copy
+
+    path = SHARED_DATA / "chat_templates" / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = json.loads(path.read_text())["chat_template"]
+    prompts = JudgePrompts(tok, JudgingConfig())
+    context, answer = "What drives a Plinian eruption?", "Gas exsolution in silicic magma."
+    ids, start = prompts.prefix(prompts.context_ids(context), prompts.answer_ids(answer))
+    text = tok.decode(ids + prompts.rating_suffixes[("knowledge", 0)])
+    assert text.count(context) == 1 and text.count(answer) == 1
+    assert text.index(context) < text.index(answer) < text.index("knowledge") < text.rindex("Rating: [[")
+    assert tok.decode(ids[start:start + len(prompts.answer_ids(answer))]) == answer

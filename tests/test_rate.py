@@ -103,6 +103,17 @@ def test_a_file_without_a_good_record_is_an_error(tmp_path):
         rate.run(cfg)
 
 
+def test_rating_into_a_dialogue_run_folder_is_refused_and_keeps_its_ratings(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ratings.jsonl").write_text('{"rater": "judge"}\n')
+    cfg = ExpertChatConfig(mode="rate", rate=RateConfig(input=str(path)), run_dir=str(run))
+    with pytest.raises(ExpertChatError, match="holds the ratings of a dialogue run"):
+        rate.run(cfg)
+    assert (run / "ratings.jsonl").read_text() == '{"rater": "judge"}\n'
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)

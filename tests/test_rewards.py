@@ -167,6 +167,35 @@ def test_trl_reward_functions_share_one_judge_pass(tiny_lm):
     assert "prompts" in params and "completions" in params and any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
+def test_the_judge_reads_the_dialogue_context_column_when_given(tiny_lm):
+    """In training the judge sees the last ``context_turns`` messages of the dialogue (the dataset column), as in
+    the rating stage, not the possibly truncated prompt with a persona folded into it."""
+    seen = []
+
+    class Recording(Judge):
+        def rate(self, items, **kwargs):
+            seen.extend(item.context for item in items)
+            return super().rate(items, **kwargs)
+
+    r = JudgeReward(Recording(tiny_lm, JudgingConfig(context_turns=2)), RewardConfig(zeta=0.0))
+    prompts, completions = trl_batch()
+    contexts = [["Persona-free opening?", "An answer.", "A follow-up?"], ["Only one message?"]] * 2
+    r(prompts=prompts, completions=completions, dialogue_context=contexts)
+    assert set(seen) == {"An answer.\n\nA follow-up?", "Only one message?"}
+    seen.clear()
+    r(prompts=prompts, completions=completions)  # without the column: the prompt's last messages
+    assert set(seen) == {"Why do tides happen?", "A compiler pass.\n\nWhen does it hurt?"}
+
+
+def test_a_small_reward_cache_still_answers_every_call(tiny_lm):
+    """A cache smaller than one call evicts least recently used entries, never one the call needs."""
+    r = JudgeReward(CountingJudge(tiny_lm, JudgingConfig()), RewardConfig(zeta=0.0), cache_size=1)
+    prompts, completions = trl_batch()
+    first = r(prompts=prompts, completions=completions)
+    assert len(first) == 4 and len(r._cache) == 1
+    assert r(prompts=prompts, completions=completions) == first
+
+
 def test_context_of_chat_and_text_prompts():
     prompts, _ = trl_batch()
     assert context_of(prompts[0], 2) == "Why do tides happen?"

@@ -118,6 +118,9 @@ def test_prompts_are_each_models_view_before_its_turns(smol_tokenizer):
     assert [m["role"] for m in actor[1]["prompt"]] == ["system", "user", "assistant", "user"]
     assert [m["role"] for m in judge[1]["prompt"]] == ["system", "user", "assistant", "user"]
     assert judge[0]["prompt"][1]["content"].startswith("turn 0:")  # the judge sees the actor's turn as user
+    # the partner-judge's context: the messages before the turn, whole, without the persona
+    assert actor[1]["dialogue_context"] == [m["content"] for m in actor[1]["prompt"][1:]]
+    assert judge[0]["dialogue_context"] == [dialogues[0].turns[0]["text"]]
 
 
 def test_long_contexts_lose_whole_turns_from_the_left(smol_tokenizer):
@@ -163,6 +166,41 @@ def test_tied_pairs_make_no_update(smol_tokenizer, tmp_path):
     assert [r["step"] for r in steps] == [1, 2] and all(r["pairs/tied"] == 1.0 and r["pairs/kept"] == 0.0
                                                         for r in steps)
     assert all(r["grad_norm"] == 0.0 for r in steps)
+
+
+def test_a_tied_batch_after_an_update_changes_nothing(smol_tokenizer, tmp_path, monkeypatch):
+    """Step 1 learns; step 2 is all ties: Adam's moments from step 1 must not move the weights at step 2."""
+    from transformers import TrainerCallback
+
+    from expertchat import training
+
+    policies = Policies(tiny_pair(smol_tokenizer), cfg(steps=2, bidirectional=False, batch_size=1))
+    after: list[list[torch.Tensor]] = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            after.append(lora_b(policies, "actor"))
+
+    class WithSnapshot(training.trainer_class()):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "callbacks": [*kwargs["callbacks"], Snapshot()]})
+
+    monkeypatch.setattr(training, "trainer_class", lambda: WithSnapshot)
+    calls = []
+
+    def reward_for(judge):
+        def reward(prompts, completions, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:  # distinct rewards: a preference
+                return [float(i) for i in range(len(completions))]
+            return [0.5] * len(completions)  # a tie
+
+        return reward
+
+    summary = policies.train_round(0, fake_dialogues(), reward_for, DCFG, RunStore(tmp_path))["roles"]["actor"]
+    assert summary["steps"] == 2 and summary["tied_pairs"] == 1 and summary["skipped_steps"] == 1
+    assert any(torch.count_nonzero(b) > 0 for b in after[0])  # step 1 moved the adapter
+    assert all(torch.equal(a, b) for a, b in zip(after[0], after[1]))  # step 2 did not
 
 
 def test_distinct_rewards_do_update(smol_tokenizer, tmp_path):
@@ -394,6 +432,19 @@ def test_full_fine_tuning_saves_and_reloads_weights(smol_tokenizer, tmp_path):
     assert torch.allclose(logits(resumed.models["actor"], IDS), trained, atol=1e-6)
 
 
+def test_full_fine_tuning_trains_fp32_weights(smol_tokenizer, tmp_path):
+    """Half-precision weights are upcast for full fine-tuning: bf16 AdamW would drop most updates."""
+    model = make_tiny_model(smol_tokenizer, dtype=torch.bfloat16)
+    lm = LoadedModel("tiny", model, smol_tokenizer, ModelConfig(name="tiny", max_length=512))
+    policies = Policies({"actor": lm, "judge": lm}, cfg(method="full", bidirectional=False))
+    assert {p.dtype for r in ("actor", "judge") for p in policies.base[r].model.parameters()} == {torch.float32}
+    before = [p.detach().clone() for p in policies.base["actor"].model.parameters()]
+    policies.train_round(0, fake_dialogues(), length_reward, DCFG, RunStore(tmp_path))
+    after = list(policies.base["actor"].model.parameters())
+    assert all(p.dtype == torch.float32 for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
 # ------------------------------------------------------------------------------------------ metrics, tracker
 
 
@@ -509,6 +560,15 @@ def test_pipeline_resumes_training_without_duplicating_records(smol_tokenizer, t
         json.loads(line)["round"] == 1 for line in metrics)
     assert (tmp_path / "adapters/round_1/judge/adapter_config.json").exists()
     assert len(json.loads((tmp_path / "rewards_by_round.json").read_text())) == 4
+
+    # continued with one more round: the topics used are kept, new ones added; earlier records untouched
+    topics = json.loads((tmp_path / "topics.json").read_text())
+    pipeline.run(pipeline_cfg(tmp_path, "rounds=3"))
+    assert json.loads((tmp_path / "topics.json").read_text())[:len(topics)] == topics
+    turns = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert (tmp_path / "turns.jsonl").read_text().startswith(files["turns.jsonl"])
+    assert {t["round"] for t in turns} == {0, 1, 2} and sum(t["round"] == 2 for t in turns) == 2 * 2
+    assert (tmp_path / "adapters/round_2/actor/adapter_config.json").exists()
 
 
 def test_pipeline_judge_failure_keeps_earlier_stages(smol_tokenizer, tmp_path, monkeypatch):
