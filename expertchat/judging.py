@@ -359,7 +359,9 @@ class PrefixBatch:
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self._new_cache = lambda: DynamicCache(config=self.model.config)
         self.cache = self._new_cache()
-        self.croppable = bool(getattr(self.cache, "is_croppable", True))
+        # a sliding-window layer cannot be cropped once past its window: such judges rerun prefix + suffix instead
+        self.croppable = bool(getattr(self.cache, "is_croppable", True)) and not any(
+            getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", []))
         b = len(prefixes)
         shared = min([shared] + [len(p) - 1 for p in prefixes]) if self.croppable else 0
         head = prefixes[0][:shared]

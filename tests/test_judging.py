@@ -428,3 +428,17 @@ def test_judge_prompts_render_with_the_real_chat_templates(smol_tokenizer, name)
     assert text.count(context) == 1 and text.count(answer) == 1
     assert text.index(context) < text.index(answer) < text.index("knowledge") < text.rindex("Rating: [[")
     assert tok.decode(ids[start:start + len(prompts.answer_ids(answer))]) == answer
+
+
+def test_a_sliding_window_judge_rates_past_its_window(smol_tokenizer):
+    """Sliding-window cache layers cannot be cropped once past the window: the judge reruns prefix + suffix."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=16)).eval()
+    judge = Judge(LoadedModel("sw", model, smol_tokenizer, ModelConfig(name="sw")), JudgingConfig(wim_max_new_tokens=4))
+    out = judge.rate([RatingItem("Why is the sky blue? " * 5, "Rayleigh scattering of light. " * 4)] * 2, wim=True)
+    assert all(j.status == "ok" and 1 <= j.score <= 10 for j in out)
+    assert out[0].score == out[1].score and out[0].wim_status != "none"
