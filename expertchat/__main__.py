@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from expertchat.config import register, to_config
-from expertchat.errors import ExpertChatError
+from expertchat.errors import ExpertChatError, first_line
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("expertchat")
@@ -68,7 +68,7 @@ def preflight(overrides: list[str]) -> None:
                                                                       else f": no file conf/{missing}.yaml"))
     except Exception as exc:  # noqa: BLE001 - hydra/omegaconf raise many types; report them as one line
         cause = exc.__cause__ or exc
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        first = first_line(cause) or type(cause).__name__
         key = getattr(cause, "full_key", None)
         fail(f"{first}" + (f" (key: {key})" if key and key not in first else ""))
 

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from expertchat.errors import ExpertChatError
+from expertchat.errors import ExpertChatError, first_line
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -407,5 +407,5 @@ def to_config(cfg: DictConfig | Any) -> ExpertChatConfig:
         return OmegaConf.to_object(cfg)  # runs every __post_init__
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise ExpertChatError(f"config error: {key + ': ' if key else ''}{first}") from exc

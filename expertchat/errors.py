@@ -7,3 +7,10 @@ class ExpertChatError(Exception):
     The message is one line naming the key or path and how to fix it; ``python -m expertchat`` prints it
     without a traceback (``HYDRA_FULL_ERROR=1`` shows the traceback).
     """
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (``""`` when it has none), cut to ``limit`` characters: how a
+    library error is quoted inside a one-line ExpertChat error."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]

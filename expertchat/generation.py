@@ -256,14 +256,14 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> int:
     return 0
 
 
-def _forward_kwargs(model: PreTrainedModel) -> tuple[str, bool]:
+def forward_kwargs(model: PreTrainedModel) -> tuple[str, bool]:
     """Name of the cache argument of ``model.forward`` and whether it accepts ``logits_to_keep``."""
     params = inspect.signature(model.forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"
     return cache_arg, "logits_to_keep" in params
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids under left padding: real tokens count from 0, pads get 0."""
     return (mask.long().cumsum(-1) - 1).clamp_(min=0)
 
@@ -277,7 +277,7 @@ class _Runner:
 
     def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> None:
         self.model = model
-        self.cache_arg, self.has_logits_to_keep = _forward_kwargs(model)
+        self.cache_arg, self.has_logits_to_keep = forward_kwargs(model)
         batch, prompt_len = input_ids.shape
         capacity = prompt_len + max_new
         self.cache = make_cache(model, capacity)
@@ -297,7 +297,7 @@ class _Runner:
         """
         prompt_mask = self.mask[:, :self.input_ids.shape[1]]
         self.length = self.input_ids.shape[1]
-        out = self._forward(self.input_ids, prompt_mask, _positions(prompt_mask), hidden)
+        out = self._forward(self.input_ids, prompt_mask, positions_from_mask(prompt_mask), hidden)
         return out.logits[:, -1], (out.hidden_states[-1] if hidden else None)
 
     def step(self, tokens: torch.Tensor, hidden: bool = False) -> Any:

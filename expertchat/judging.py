@@ -23,7 +23,6 @@ turns go through in batches of ``judging.batch_size``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import re
@@ -38,7 +37,7 @@ from expertchat.errors import ExpertChatError
 from expertchat.models import LoadedModel, chat_messages
 
 if TYPE_CHECKING:  # pragma: no cover
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -351,10 +350,10 @@ class PrefixBatch:
     def __init__(self, lm: LoadedModel, prefixes: list[list[int]], tail_keep: int = 1, shared: int = 0) -> None:
         from transformers.cache_utils import DynamicCache
 
+        from expertchat.generation import forward_kwargs, positions_from_mask
+
         self.model = lm.model
-        params = inspect.signature(self.model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.has_keep = "logits_to_keep" in params
+        self.cache_arg, self.has_keep = forward_kwargs(self.model)
         self.device = next(self.model.parameters()).device
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self._new_cache = lambda: DynamicCache(config=self.model.config)
@@ -378,7 +377,7 @@ class PrefixBatch:
             mask[r, shared + width - len(p):] = 1
         self.ids, self.mask = ids.to(self.device), mask.to(self.device)
         self.width = shared + width
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(self.mask)
         self.positions = positions[:, shared:]
         self.tail_keep = min(tail_keep, width)
         if shared:
@@ -733,9 +732,14 @@ def _progress(total: int, enabled: bool, desc: str):
 RATINGS_FILE = "ratings.jsonl"
 
 
+def join_context(texts: list[str], n: int) -> str:
+    """The judge's context: the last ``n`` of the message texts before a turn, blank-line separated."""
+    return "\n\n".join(list(texts)[-n:])
+
+
 def turn_context(turns: list[tuple[bool, str]], n: int) -> str:
-    """The text of the last ``n`` messages before a turn (the judge's context)."""
-    return "\n\n".join(text for _, text in turns[-n:])
+    """The judge's context from ``(own, text)`` turns (``dialogue.context``): see :func:`join_context`."""
+    return join_context([text for _, text in turns], n)
 
 
 def dialogue_items(dialogues: list, ratee: str, dialogue_cfg, judging: JudgingConfig) -> list[RatingItem]:
@@ -801,8 +805,6 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg, ju
     Returns:
         The stage summary: per rated model (``ratee``) the means and counts of :func:`summarize`, and seconds.
     """
-    import time
-
     from expertchat.dialogue import ROLES
     from expertchat.rewards import load_embedder, rewards
 

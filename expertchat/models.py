@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expertchat.errors import ExpertChatError
+from expertchat.errors import ExpertChatError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -209,7 +209,7 @@ def _same_weights(a: ModelConfig, b: ModelConfig) -> bool:
 
 
 def _missing(cfg: ModelConfig, source: str, exc: Exception) -> ExpertChatError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc) or type(exc).__name__
     return ExpertChatError(
         f"model '{cfg.name}' could not be loaded from '{source}' ({first[:160]}); nothing is downloaded here: "
         f"set actor.path=<local folder> (or judge.path=...)"

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from expertchat.config import EmbedderConfig, JudgingConfig, RewardConfig
-from expertchat.errors import ExpertChatError
-from expertchat.judging import Judge, Judgement, RatingItem
+from expertchat.errors import ExpertChatError, first_line
+from expertchat.judging import Judge, Judgement, RatingItem, join_context
 from expertchat.models import package_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,7 +67,7 @@ class Embedder:
             try:
                 self._model = SentenceTransformer(source, device=device)
             except OSError as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                first = first_line(exc, 160) or type(exc).__name__
                 raise ExpertChatError(f"embedder '{self.cfg.name}' could not be loaded from '{source}' ({first}); "
                                       f"nothing is downloaded here: set reward.embedder.path=<local folder>") from exc
             log.info("loaded embedder %s from %s (%s)", self.cfg.name, source, device)
@@ -191,7 +191,7 @@ def context_of(prompt: Any, turns: int) -> str:
     if isinstance(prompt, str):
         return prompt
     messages = [m for m in (prompt or []) if isinstance(m, dict) and m.get("role") != "system"]
-    return "\n\n".join(str(m.get("content") or "") for m in messages[-turns:])
+    return join_context([str(m.get("content") or "") for m in messages], turns)
 
 
 class JudgeReward:
@@ -230,7 +230,7 @@ class JudgeReward:
         self.stats["calls"] += 1
         turns = self.judge.cfg.context_turns
         if dialogue_context is not None:
-            contexts = ["\n\n".join(list(texts)[-turns:]) for texts in dialogue_context]
+            contexts = [join_context(texts, turns) for texts in dialogue_context]
         else:
             contexts = [context_of(p, turns) for p in prompts]
         keys = [(ctx, _text(c)) for ctx, c in zip(contexts, completions)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from expertchat.config import GenerationConfig, TopicsConfig
-from expertchat.errors import ExpertChatError
+from expertchat.errors import ExpertChatError, first_line
 from expertchat.models import LoadedModel, render_prompt
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def from_hf(cfg: TopicsConfig) -> list[str]:
     try:
         ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not available offline"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc, 160) or type(exc).__name__
         raise ExpertChatError(
             f"dataset '{cfg.dataset}' (split {cfg.split}) is not in the local cache and cannot be downloaded "
             f"here ({first}); use a cached dataset or topics=jsonl"

@@ -51,7 +51,7 @@ import torch
 
 from expertchat.config import DialogueConfig, TrainingConfig
 from expertchat.dialogue import ROLES, Dialogue, context
-from expertchat.errors import ExpertChatError
+from expertchat.errors import ExpertChatError, first_line
 from expertchat.models import LoadedModel, chat_messages
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
@@ -181,7 +181,7 @@ class PairedReward:
         except ExpertChatError:
             raise
         except Exception as exc:  # noqa: BLE001 - any judge failure ends the round with one clear line
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc, 200)
             raise ExpertChatError(f"the judge ({self.judge}) failed while scoring batch {self.calls}: "
                                   f"{type(exc).__name__}: {first}") from exc
         if len(raw) != len(completions) or len(raw) % 2:
@@ -559,9 +559,7 @@ class Policies:
             if name not in peft.peft_config:
                 peft.add_adapter(name, copy.deepcopy(peft.peft_config[role]))
             set_peft_model_state_dict(peft, get_peft_model_state_dict(peft, adapter_name=role), adapter_name=name)
-            for n, p in peft.named_parameters():
-                if f".{name}." in n:
-                    p.requires_grad_(False)
+            _freeze_adapter(peft, name)
             self._start[role] = name
 
     def save(self, store: RunStore, round_idx: int, role: str) -> str:
@@ -675,7 +673,7 @@ class Policies:
             raise
         except Exception as exc:  # noqa: BLE001 - TRL / PEFT set-up errors as one line
             shutil.rmtree(scratch, ignore_errors=True)
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc, 200)
             raise ExpertChatError(f"training round {round_idx} ({role}) could not start: {type(exc).__name__}: "
                                   f"{first}") from exc
         from transformers.trainer_callback import PrinterCallback
@@ -692,7 +690,7 @@ class Policies:
             raise ExpertChatError(f"training round {round_idx} ({role}) stopped at step "
                                   f"{trainer.state.global_step + 1}/{cfg.steps}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - report one line; HYDRA_FULL_ERROR=1 shows the traceback
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            first = first_line(exc, 200)
             raise ExpertChatError(f"training round {round_idx} ({role}) failed at step "
                                   f"{trainer.state.global_step + 1}/{cfg.steps}: {type(exc).__name__}: {first}") from exc
         finally:
@@ -723,9 +721,7 @@ class Policies:
         peft = self._wrap(role)
         peft.set_adapter(role)  # active and trainable; every other adapter frozen
         for name in self._start.values():
-            for n, p in peft.named_parameters():
-                if f".{name}." in n:
-                    p.requires_grad_(False)
+            _freeze_adapter(peft, name)
         raw = self.base[role].model
         ref_adapter = self._start.get(role) if self.cfg.reference == "previous" else None
         return peft, _Reference(ModelView(raw, lambda: (self._switch.get(id(raw)), ref_adapter)))
@@ -764,6 +760,13 @@ class Policies:
             logging_steps=1, save_strategy="no", report_to="none", use_cpu=not cuda, seed=seed,
             disable_tqdm=not progress, dataloader_num_workers=0,
         )
+
+
+def _freeze_adapter(peft: Any, name: str) -> None:
+    """Make the LoRA weights of adapter ``name`` untrainable (PEFT names them ``...lora_A.<name>.weight``)."""
+    for n, p in peft.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
 
 
 def _release_memory() -> None:
