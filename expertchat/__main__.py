@@ -37,10 +37,10 @@ def fail(message: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
-    from expertchat import pipeline
+    from expertchat import modes
 
     try:
-        pipeline.run(to_config(cfg))
+        modes.run(to_config(cfg))
     except ExpertChatError as exc:
         fail(str(exc))
 

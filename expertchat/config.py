@@ -385,13 +385,16 @@ class ExpertChatConfig:
     progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
-        _check(self.mode in {"run", "rate"}, "mode", f"is '{self.mode}'; use run or rate")
+        _check(self.mode in MODES, "mode", f"is '{self.mode}'; use one of {', '.join(MODES)}")
         _check(self.mode != "rate" or bool(self.rate.input), "rate.input",
                "is not set: mode=rate needs rate.input=FILE.jsonl")
         _check(self.rounds > 0, "rounds", "must be > 0")
         _check(self.reward.zeta == 0 or self.judging.wim, "judging.wim",
                f"is false but reward.zeta is {self.reward.zeta}: the WIM part of the reward needs the critique; set "
                f"judging.wim=true or reward=rating_only")
+
+
+MODES = ("run", "rate")  # each one's module: expertchat/modes.py
 
 
 def register() -> None:

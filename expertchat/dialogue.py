@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expertchat.config import DialogueConfig, GenerationConfig
+from expertchat.console import progress_bar
 from expertchat.generation import generate
 from expertchat.models import LoadedModel, render_prompt
 from expertchat.store import RunStore
@@ -62,34 +63,37 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
             transcript ``dialogues/<id>.md``.
     """
     dialogues = [Dialogue(f"r{round_idx}-d{i:03d}", topic) for i, topic in enumerate(topics)]
-    bar = _progress(cfg.turns * len(dialogues), progress, f"round {round_idx} dialogues")
-    for turn in range(cfg.turns):
-        role = speaker(turn)
-        lm = models[role]
-        prompts = [render_prompt(lm.tokenizer, cfg.persona(role, d.topic), context(d, role, turn, cfg))
-                   for d in dialogues]
-        start = time.perf_counter()
-        outputs = generate(lm.model, lm.tokenizer, prompts, generation, stop_token_ids=lm.stop_token_ids,
-                           seed=seed + 1000 * round_idx + turn, max_prompt_tokens=lm.cfg.max_length)
-        seconds = time.perf_counter() - start
-        for d, out in zip(dialogues, outputs):
-            record = {
-                "dialogue_id": d.id, "round": round_idx, "turn": turn, "role": role, "model": lm.name,
-                "topic": d.topic, "text": out.text, "prompt_tokens": out.prompt_tokens,
-                "new_tokens": out.new_tokens, "finished": out.finished, "seconds": round(seconds, 4),
-            }
-            d.turns.append(record)
-            store.append(TURNS_FILE, record)
-        new = sum(o.new_tokens for o in outputs)
-        log.info("round %d turn %d (%s): %d tokens in %.1fs (%.0f tok/s)", round_idx, turn, lm.name, new,
-                 seconds, new / max(seconds, 1e-9))
-        if bar is not None:
+    with progress_bar(cfg.turns * len(dialogues), progress, f"round {round_idx} dialogues", unit="turn") as bar:
+        for turn in range(cfg.turns):
+            _turn(dialogues, turn, models, cfg, generation, store, round_idx, seed)
             bar.update(len(dialogues))
-    if bar is not None:
-        bar.close()
     for d in dialogues:
         store.write_text(f"dialogues/{d.id}.md", transcript(d, cfg))
     return dialogues
+
+
+def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], cfg: DialogueConfig,
+          generation: GenerationConfig, store: RunStore, round_idx: int, seed: int) -> None:
+    """Generate turn ``turn`` of every dialogue in one batched call; append each to ``turns.jsonl``."""
+    role = speaker(turn)
+    lm = models[role]
+    prompts = [render_prompt(lm.tokenizer, cfg.persona(role, d.topic), context(d, role, turn, cfg))
+               for d in dialogues]
+    start = time.perf_counter()
+    outputs = generate(lm.model, lm.tokenizer, prompts, generation, stop_token_ids=lm.stop_token_ids,
+                       seed=seed + 1000 * round_idx + turn, max_prompt_tokens=lm.cfg.max_length)
+    seconds = time.perf_counter() - start
+    for d, out in zip(dialogues, outputs):
+        record = {
+            "dialogue_id": d.id, "round": round_idx, "turn": turn, "role": role, "model": lm.name,
+            "topic": d.topic, "text": out.text, "prompt_tokens": out.prompt_tokens,
+            "new_tokens": out.new_tokens, "finished": out.finished, "seconds": round(seconds, 4),
+        }
+        d.turns.append(record)
+        store.append(TURNS_FILE, record)
+    new = sum(o.new_tokens for o in outputs)
+    log.info("round %d turn %d (%s): %d tokens in %.1fs (%.0f tok/s)", round_idx, turn, lm.name, new,
+             seconds, new / max(seconds, 1e-9))
 
 
 def load_dialogues(store: RunStore, round_idx: int) -> list[Dialogue]:
@@ -119,11 +123,3 @@ def summarize(dialogues: list[Dialogue]) -> dict[str, Any]:
         "cut_at_max_new_tokens": sum(not t["finished"] for t in turns),
         "empty_turns": sum(not t["text"] for t in turns),
     }
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="turn")

@@ -26,12 +26,13 @@ copied into its ``k`` rows (all rows of a sequence share the same past, so nothi
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from expertchat.kvcache import CacheRunner, copy_last_position
+from expertchat.models import stop_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -89,7 +90,7 @@ def generate(
     if not prompts:
         return []
     device = next(model.parameters()).device
-    stops = default_stop_ids(model, tokenizer) if stop_token_ids is None else sorted(set(stop_token_ids))
+    stops = stop_ids(model, tokenizer) if stop_token_ids is None else sorted(set(stop_token_ids))
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     if max_prompt_tokens is not None and max_prompt_tokens > 0:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
@@ -115,136 +116,6 @@ def generate(
     return results  # type: ignore[return-value]
 
 
-def default_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokenizer's EOS id and the model generation config's EOS id(s)."""
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
-# ------------------------------------------------------------------------------------------------ the KV cache
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A full-attention KV cache layer that writes into a buffer allocated once for the whole turn.
-
-    ``keys`` / ``values`` are views of the buffer up to the current length, so the model sees exactly what a
-    ``DynamicLayer`` would give it, without the per-step ``torch.cat`` (a copy of the whole layer cache into
-    new memory). The buffer grows by doubling if a forward ever goes past ``capacity``.
-
-    Args:
-        capacity: number of positions to allocate (prompt length + new tokens).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Allocate the buffers from the first states' batch, heads, head dim, dtype and device."""
-        batch, heads, _, dim = key_states.shape
-        self.device = key_states.device
-        self._key_buffer = key_states.new_empty(batch, heads, self.capacity, dim)
-        self._value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new states after the current length and return views of all states so far."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            self._resize(max(end, 2 * self.capacity))
-        self._key_buffer[:, :, self.length:end] = key_states
-        self._value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self._refresh_views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        """Number of cached positions."""
-        return self.length
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Key/value length and offset of the mask for a forward of ``query_length`` new tokens."""
-        return self.length + query_length, 0
-
-    def reset(self) -> None:
-        """Drop the buffers."""
-        super().reset()
-        self._key_buffer = self._value_buffer = None
-        self.length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` positions (a negative count, as in ``DynamicLayer``)."""
-        if tokens_to_remove > 0:
-            raise ValueError("crop() takes a negative number of tokens to remove")
-        if tokens_to_remove and self.is_initialized:
-            self.length = max(0, self.length + tokens_to_remove)
-            self._refresh_views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every batch row ``repeats`` times (row ``i`` becomes rows ``i * repeats ...``)."""
-        if self.is_initialized:
-            index = torch.arange(self._key_buffer.shape[0], device=self.device).repeat_interleave(repeats)
-            self.batch_select_indices(index)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the given batch rows, in that order."""
-        if not self.is_initialized:
-            return
-        indices = indices.to(self.device)
-        self._key_buffer = self._key_buffer.index_select(0, indices)
-        self._value_buffer = self._value_buffer.index_select(0, indices)
-        self._refresh_views()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch rows (beam search)."""
-        self.batch_select_indices(beam_idx)
-
-    def _resize(self, capacity: int) -> None:
-        keys = self._key_buffer.new_empty(*self._key_buffer.shape[:2], capacity, self._key_buffer.shape[-1])
-        values = self._value_buffer.new_empty(*self._value_buffer.shape[:2], capacity,
-                                              self._value_buffer.shape[-1])
-        keys[:, :, :self.length] = self._key_buffer[:, :, :self.length]
-        values[:, :, :self.length] = self._value_buffer[:, :, :self.length]
-        self._key_buffer, self._value_buffer, self.capacity = keys, values, capacity
-
-    def _refresh_views(self) -> None:
-        self.keys = self._key_buffer[:, :, :self.length]
-        self.values = self._value_buffer[:, :, :self.length]
-
-
-def make_cache(model: PreTrainedModel, capacity: int, preallocate: bool = True) -> DynamicCache:
-    """A ``DynamicCache`` for ``model`` whose full-attention layers are :class:`PreallocatedLayer` s.
-
-    Models with other layer kinds (sliding-window, linear attention, ...) keep transformers' own layers, so
-    the result is always correct; only plain full-attention layers are swapped.
-
-    Args:
-        model: the model the cache is for.
-        capacity: positions to preallocate per layer (prompt + new tokens).
-        preallocate: False gives transformers' plain ``DynamicCache`` (for comparisons).
-    """
-    cache = DynamicCache(config=model.config)
-    if not preallocate:
-        return cache
-    if cache.layers:
-        cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
-                        for layer in cache.layers]
-    elif cache.layer_class_to_replicate is DynamicLayer:
-        cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
-    return cache
-
-
 # ------------------------------------------------------------------------------------------------ decode loop
 
 
@@ -255,71 +126,6 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> int:
             return int(candidate)
     return 0
 
-
-def forward_kwargs(model: PreTrainedModel) -> tuple[str, bool]:
-    """Name of the cache argument of ``model.forward`` and whether it accepts ``logits_to_keep``."""
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    return cache_arg, "logits_to_keep" in params
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids under left padding: real tokens count from 0, pads get 0."""
-    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
-class _Runner:
-    """Runs the forwards of one chunk with its cache, tracking the attention mask and positions of each row.
-
-    Rows are the cache's batch rows: one per running sequence, or ``k`` per running sequence in contrastive
-    search.
-    """
-
-    def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> None:
-        self.model = model
-        self.cache_arg, self.has_logits_to_keep = forward_kwargs(model)
-        batch, prompt_len = input_ids.shape
-        capacity = prompt_len + max_new
-        self.cache = make_cache(model, capacity)
-        # The mask of every position the turn can reach: generated positions are always real tokens.
-        self.mask = torch.ones(batch, capacity, dtype=torch.bool, device=input_ids.device)
-        self.mask[:, :prompt_len] = mask
-        self.length = 0
-        self.input_ids = input_ids
-        self.next_pos = mask.sum(-1, keepdim=True)  # position of the next token of each row
-
-    def prefill(self, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the (left-padded) prompts through the model and fill the cache.
-
-        Returns:
-            The last position's logits ``[batch, vocab]`` and, with ``hidden``, the last-layer hidden states
-            ``[batch, prompt_len, hidden]`` (meaningless at padding).
-        """
-        prompt_mask = self.mask[:, :self.input_ids.shape[1]]
-        self.length = self.input_ids.shape[1]
-        out = self._forward(self.input_ids, prompt_mask, positions_from_mask(prompt_mask), hidden)
-        return out.logits[:, -1], (out.hidden_states[-1] if hidden else None)
-
-    def step(self, tokens: torch.Tensor, hidden: bool = False) -> Any:
-        """Feed one new token per row."""
-        self.length += 1
-        out = self._forward(tokens.view(-1, 1), self.mask[:, :self.length], self.next_pos, hidden)
-        self.next_pos = self.next_pos + 1
-        return out
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given cache rows (dropping finished sequences, or repeating rows)."""
-        self.cache.batch_select_indices(rows)
-        self.mask = self.mask.index_select(0, rows)
-        self.next_pos = self.next_pos.index_select(0, rows)
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, hidden: bool) -> Any:
-        kwargs: dict[str, Any] = {self.cache_arg: self.cache}
-        if self.has_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        if hidden:
-            kwargs["output_hidden_states"] = True
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
 
 
 @torch.inference_mode()
@@ -356,7 +162,7 @@ def _sample_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Te
         finished: ``[batch]`` whether a stop token ended the sequence.
     """
     batch = input_ids.shape[0]
-    runner = _Runner(model, input_ids, mask, cfg.max_new_tokens)
+    runner = CacheRunner(model, input_ids, mask, cfg.max_new_tokens)
     tokens = torch.full((batch, cfg.max_new_tokens), -1, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     alive = torch.arange(batch, device=input_ids.device)  # chunk row of each running row
@@ -464,7 +270,7 @@ def _contrastive_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: tor
     batch, prompt_len = input_ids.shape
     k, alpha, max_new = cfg.top_k, cfg.penalty_alpha, cfg.max_new_tokens
     device = input_ids.device
-    runner = _Runner(model, input_ids, mask, max_new)
+    runner = CacheRunner(model, input_ids, mask, max_new)
     tokens = torch.full((batch, max_new), -1, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     alive = torch.arange(batch, device=device)
@@ -499,7 +305,7 @@ def _contrastive_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: tor
         if step + 1 == max_new:
             break
         # Every row of a sequence now takes the chosen candidate's newest key/value and hidden state.
-        _copy_last_position(runner.cache, chosen_rows.repeat_interleave(k))
+        copy_last_position(runner.cache, chosen_rows.repeat_interleave(k))
         context[:, length] = cand_hidden.view(rows * k, -1)[chosen_rows]
         valid[:, length] = True
         logits = out.logits[chosen_rows, -1]
@@ -510,12 +316,3 @@ def _contrastive_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: tor
             alive, logits, context, valid = alive[keep], logits[keep], context[keep], valid[keep]
             runner.select((keep[:, None] * k + offsets).reshape(-1))
     return tokens, finished
-
-
-def _copy_last_position(cache: DynamicCache, source_rows: torch.Tensor) -> None:
-    """Overwrite the newest cached position of every row with that of ``source_rows[row]``."""
-    for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer):
-            raise NotImplementedError(f"contrastive search needs attention KV cache layers, not {type(layer).__name__}")
-        for states in (layer.keys, layer.values):
-            states[:, :, -1] = states[source_rows, :, -1]

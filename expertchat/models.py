@@ -36,13 +36,29 @@ class LoadedModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """Token ids that end a turn: the tokenizer's EOS and the generation config's EOS ids."""
-        ids: set[int] = set()
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
+        """Token ids that end a turn (:func:`stop_ids`)."""
+        return stop_ids(self.model, self.tokenizer)
+
+
+def stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a turn: the tokenizer's EOS id and the model generation config's EOS id(s)."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def looks_local(path: str) -> bool:
+    """Whether a model path names a local folder (absolute, relative, ``~``, or existing) rather than a hub id."""
+    return path.startswith(("/", ".", "~")) or os.path.exists(path)
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether ``model`` was loaded quantized by bitsandbytes (4-bit or 8-bit): its weights cannot be trained in
+    place, only adapters on top of them (QLoRA)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
 def package_dir(package: str) -> Path:
@@ -96,10 +112,9 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
         path = os.path.expanduser(cfg.path) if cfg.path else ""
     if not path:
         raise ExpertChatError(f"model '{cfg.name}' has no path: set <role>.path=<hub id or local folder>")
-    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path)
     if cfg.gguf_file and not (Path(path) / cfg.gguf_file).is_file():
         raise ExpertChatError(f"model '{cfg.name}': GGUF file not found at {Path(path) / cfg.gguf_file}")
-    if looks_local and not os.path.isdir(path):
+    if looks_local(path) and not os.path.isdir(path):
         raise ExpertChatError(
             f"model '{cfg.name}': no model folder at {path}; set <role>.path=<hub id or local folder>"
         )

@@ -1,105 +1,173 @@
-"""The ExpertChat loop, top to bottom: topics -> (dialogue -> rating -> training) x rounds.
+"""The ExpertChat loop (``mode=run``), top to bottom:
 
-Every stage writes into the run folder and marks itself done; rerunning into the same folder continues from
-the last completed stage.
+    topics ──> (DIALOGUE ──> RATING ──> TRAINING) x rounds
+
+Each stage is one line of the table :data:`STAGES`: :func:`run_stage` skips it when its marker says it is done, else sets aside
+what an interrupted attempt left, runs it, marks it done with its summary, logs and tracks it. Rerunning into the
+same folder therefore continues from the last completed stage.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
 
-from expertchat import dialogue, judging, tracking, training
+from expertchat import dialogue, rating, rewards, topics, training
+from expertchat.adapters import Policies
 from expertchat.config import ExpertChatConfig
 from expertchat.models import load_pair
 from expertchat.store import RunStore
-from expertchat.topics import load_topics
+from expertchat.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: ExpertChatConfig) -> dict[str, Any]:
-    """Run the experiment described by ``cfg`` in ``cfg.run_dir``; return the last round's summaries.
+@dataclass
+class Run:
+    """What every stage of a run reads: the config, the run folder, the tracker, the topics, each role's policy
+    (``models``: views that every stage uses, ``policies``: their adapters) and the reward factory."""
 
-    One tracker per job (``tracker=none|wandb``), finished in every case; a failed job marks its run failed.
-    ``mode=rate`` rates a JSONL file of (question, answer) records instead (``expertchat/rate.py``).
+    cfg: ExpertChatConfig
+    store: RunStore
+    tracker: Tracker
+    topics: list[str]
+    policies: Policies
+    reward_for: Callable[[], training.RewardFactory]
+
+    @property
+    def models(self) -> dict[str, Any]:
+        return self.policies.models
+
+    def topics_of(self, round_idx: int) -> list[str]:
+        n = self.cfg.topics.n
+        return self.topics[round_idx * n:(round_idx + 1) * n]
+
+
+def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Run the experiment described by ``cfg`` in ``cfg.run_dir``; return the last round's stage summaries.
+
+    Raises:
+        ExpertChatError: bad input (before anything is written) or a stage that failed (earlier stages' files
+            and markers are kept).
     """
-    if cfg.mode == "rate":
-        from expertchat import rate
-
-        return rate.run(cfg)
-    tracker = tracking.make_tracker(cfg.tracker, cfg.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
-    try:
-        summary = _run(cfg, tracker)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish()
-    return summary
-
-
-def _run(cfg: ExpertChatConfig, tracker: tracking.Tracker) -> dict[str, Any]:
     store = RunStore(cfg.run_dir)
-    n = cfg.topics.n
-    topics = None  # chosen once and kept in topics.json, so a resumed run holds the same dialogues
-    if not store.path("topics.json").exists() and cfg.topics.source != "generated":
-        topics = load_topics(cfg.topics, n * cfg.rounds, seed=cfg.seed)  # bad input fails before any write
+    count = cfg.topics.n * cfg.rounds
+    early = topics.read_before_models(cfg.topics, store, count, seed=cfg.seed)  # bad input fails before any write
     actor, judge = load_pair(cfg.actor, cfg.judge)
-    models = {"actor": actor, "judge": judge}
     if not store.path("config.yaml").exists():
         store.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    if not store.path("topics.json").exists():
-        topics = topics or load_topics(cfg.topics, n * cfg.rounds, model=actor, generation=cfg.generation,
-                                       seed=cfg.seed)
-        store.write_json("topics.json", topics)
-    topics = store.read_json("topics.json")
-    if len(topics) < n * cfg.rounds:  # resumed with more rounds (or dialogues): keep the topics used, add new ones
-        more = load_topics(cfg.topics, n * cfg.rounds, model=actor, generation=cfg.generation, seed=cfg.seed)
-        topics += more[len(topics):]
-        store.write_json("topics.json", topics)
-        log.info("topics.json extended to %d topics for %d rounds x %d dialogues", len(topics), cfg.rounds, n)
+    run_topics = topics.run_topics(cfg.topics, store, count, early, model=actor, generation=cfg.generation,
+                                   seed=cfg.seed)
     # Each role's policy: a LoRA adapter per role (one base + two adapters when both roles share the weights).
     # From here on every stage sees the models through these views; a resumed run reloads the last adapters.
-    policies = training.Policies(models, cfg.training)
+    policies = Policies({"actor": actor, "judge": judge}, cfg.training)
     policies.restore(store, cfg.rounds)
-    models = policies.models
-    reward_for = None  # the partner-as-judge reward factory, built once when a training stage first needs it
+    ctx = Run(cfg, store, tracker or Tracker(), run_topics, policies,
+              functools.cache(lambda: rewards.reward_for(cfg.judging, cfg.reward)))  # built on first need
 
     summary: dict[str, Any] = {}
     for r in range(cfg.rounds):
-        if not store.done(r, "dialogue"):
-            store.begin(r, "dialogue", [dialogue.TURNS_FILE])
-            dialogues = dialogue.run_dialogues(models, topics[r * n:(r + 1) * n], cfg.dialogue, cfg.generation,
-                                               store, round_idx=r, seed=cfg.seed, progress=cfg.progress)
-            store.finish(r, "dialogue", dialogue.summarize(dialogues))
-        summary["dialogue"] = store.stage_summary(r, "dialogue")
-        log.info("round %d dialogue: %s", r, summary["dialogue"])
-
-        if not store.done(r, "rating"):  # each model rates every turn of the other -> ratings.jsonl
-            store.begin(r, "rating", [judging.RATINGS_FILE])
-            rated = judging.run_rating(models, dialogue.load_dialogues(store, r), cfg.dialogue, cfg.judging,
-                                       cfg.reward, store, round_idx=r, progress=cfg.progress)
-            store.finish(r, "rating", rated)
-            tracker.log({f"rating/{role}_{k}": s[k] for role, s in rated["models"].items()
-                         for k in ("score_mean", "reward_mean") if s[k] is not None}, step=r)
-        summary["rating"] = store.stage_summary(r, "rating")
-        for role, s in summary["rating"]["models"].items():
-            log.info("round %d rating of %s by %s: score %s, reward %s (%d/%d scored)", r, role, s["rater"],
-                     s["score_mean"], s["reward_mean"], s["scored"], s["rated"])
-
-        if not store.done(r, "training"):
-            store.begin(r, "training", [training.TRAIN_METRICS_FILE])
-            if reward_for is None and cfg.training.steps > 0:
-                from expertchat.rewards import reward_for as make_reward_for
-
-                reward_for = make_reward_for(cfg.judging, cfg.reward)
-            result = policies.train_round(r, dialogue.load_dialogues(store, r), reward_for, cfg.dialogue, store,
-                                          tracker, seed=cfg.seed, progress=cfg.progress)
-            store.finish(r, "training", result)
-            training.write_rewards_by_round(store, cfg.rounds)
-        summary["training"] = store.stage_summary(r, "training")
-        log.info("round %d training: %s", r, {role: {k: s.get(k) for k in ("steps", "reward_mean", "masked_fraction")}
-                                              for role, s in summary["training"].get("roles", {}).items()})
+        for s in STAGES:
+            summary[s.name] = run_stage(ctx, r, s)
+        training.write_rewards_by_round(store, cfg.rounds)
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+def dialogue_stage(run: Run, r: int) -> dict[str, Any]:
+    """N dialogues of the round in lockstep -> ``turns.jsonl``, transcripts."""
+    cfg = run.cfg
+    return dialogue.summarize(dialogue.run_dialogues(run.models, run.topics_of(r), cfg.dialogue, cfg.generation,
+                                                     run.store, round_idx=r, seed=cfg.seed, progress=cfg.progress))
+
+
+def rating_stage(run: Run, r: int) -> dict[str, Any]:
+    """Each model rates every turn of the other -> ``ratings.jsonl`` (scores, WIM, reward)."""
+    cfg = run.cfg
+    return rating.run_rating(run.models, dialogue.load_dialogues(run.store, r), cfg.dialogue, cfg.judging,
+                             cfg.reward, run.store, round_idx=r, progress=cfg.progress)
+
+
+def training_stage(run: Run, r: int) -> dict[str, Any]:
+    """Online DPO of each model, its partner (frozen at round start) judging -> ``adapters/round_<r>/<role>/``."""
+    cfg = run.cfg
+    reward_for = run.reward_for() if cfg.training.steps > 0 else None
+    return training.train_round(run.policies, r, dialogue.load_dialogues(run.store, r), reward_for, cfg.dialogue,
+                                run.store, run.tracker, seed=cfg.seed, progress=cfg.progress)
+
+
+class Stage(NamedTuple):
+    """One stage of a round: its ``body``, the JSONL ``files`` it appends to, and how its summary is shown:
+    ``describe`` (short log lines) and ``headlines`` (metrics for the tracker)."""
+
+    name: str
+    body: Callable[[Run, int], dict[str, Any]]
+    files: list[str]
+    describe: Callable[[dict[str, Any]], list[str]]
+    headlines: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def run_stage(run: Run, round_idx: int, s: Stage) -> dict[str, Any]:
+    """Run stage ``s`` of round ``round_idx`` unless its marker says it is done; return its summary.
+
+    Records that an interrupted attempt left in ``s.files`` move to ``<file>.incomplete.jsonl`` first
+    (``RunStore.begin``), so no record is written twice; the summary is kept in ``stages/round_<r>.<name>.json``;
+    its headline figures are logged and tracked at step ``round_idx``.
+    """
+    ran = not run.store.done(round_idx, s.name)
+    if ran:
+        run.store.begin(round_idx, s.name, s.files)
+        run.store.finish(round_idx, s.name, s.body(run, round_idx))
+    summary = run.store.stage_summary(round_idx, s.name)
+    for line in s.describe(summary):
+        log.info("round %d %s%s: %s", round_idx, s.name, "" if ran else " (done before)", line)
+    metrics = {k: v for k, v in s.headlines(summary).items() if v is not None}
+    if ran and metrics:
+        run.tracker.log(metrics, step=round_idx)
+    return summary
+
+
+# ---------------------------------------------------------------------------- each stage's summary, in short
+
+
+def _dialogue_lines(s: dict[str, Any]) -> list[str]:
+    return [f"{s['dialogues']} dialogues, {s['turns']} turns, {s['new_tokens']} new tokens in {s['seconds']} s "
+            f"({s['tok_per_s']} tok/s); {s['cut_at_max_new_tokens']} cut at max_new_tokens, "
+            f"{s['empty_turns']} empty"]
+
+
+def _rating_lines(s: dict[str, Any]) -> list[str]:
+    return [f"{role} rated by {m['rater']}: score {m['score_mean']}, reward {m['reward_mean']} "
+            f"({m['scored']}/{m['rated']} scored, {m['skipped']} skipped, {m['empty_wims']} empty WIMs)"
+            for role, m in s.get("models", {}).items()]
+
+
+def _training_lines(s: dict[str, Any]) -> list[str]:
+    if "skipped" in s:
+        return [f"skipped ({s['skipped']})"]
+    return [f"{role}: {m['skipped']}" if "skipped" in m else
+            f"{role}: {m['steps']} steps, {m['seconds_per_step']} s/step, reward {m['reward_mean']} "
+            f"(first batch {m['reward_first_batch']}, last {m['reward_last_batch']}), "
+            f"{m['masked_fraction']:.0%} of pairs masked"
+            for role, m in s.get("roles", {}).items()]
+
+
+def _rating_headlines(s: dict[str, Any]) -> dict[str, Any]:
+    return {f"rating/{role}_{k}": m[k] for role, m in s.get("models", {}).items() for k in ("score_mean", "reward_mean")}
+
+
+# The loop's table: a new stage (evaluation, ...) is one more line.
+STAGES = (
+    Stage("dialogue", dialogue_stage, [dialogue.TURNS_FILE], _dialogue_lines,
+          lambda s: {"dialogue/tok_per_s": s.get("tok_per_s"), "dialogue/new_tokens": s.get("new_tokens")}),
+    Stage("rating", rating_stage, [rating.RATINGS_FILE], _rating_lines, _rating_headlines),
+    # the trainer tracks every step and the round's mean rewards itself (training.py)
+    Stage("training", training_stage, [training.TRAIN_METRICS_FILE], _training_lines, lambda s: {}),
+)

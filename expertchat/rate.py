@@ -23,9 +23,11 @@ from typing import Any
 
 from expertchat.config import ExpertChatConfig, RateConfig
 from expertchat.errors import ExpertChatError
-from expertchat.judging import RATINGS_FILE, Judge, RatingItem, rating_record, turn_context
+from expertchat.judging import Judge, RatingItem, turn_context
+from expertchat.rating import RATINGS_FILE, rating_record
 from expertchat.store import RunStore
 from expertchat.topics import get_field
+from expertchat.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +159,15 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def run(cfg: ExpertChatConfig) -> dict[str, Any]:
-    """Rate ``cfg.rate.input`` with ``cfg.judge`` and write ``ratings.jsonl`` and ``rate_summary.json``."""
+def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]:
+    """Rate ``cfg.rate.input`` with ``cfg.judge`` and write ``ratings.jsonl`` and ``rate_summary.json``; the
+    summary's means also go to ``tracker`` (as ``rate/<name>`` at step 0, and the run's summary).
+
+    Raises:
+        ExpertChatError: the input is missing or holds no good record, or the folder holds a dialogue run.
+    """
     from expertchat.models import load_model
-    from expertchat.rewards import load_embedder, rewards
+    from expertchat.rewards import load_embedder, rewards, wants_wim
 
     store = RunStore(cfg.run_dir)
     if store.path(RATINGS_FILE).exists() and not store.path(SUMMARY_FILE).exists():
@@ -175,7 +182,7 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
     lm = load_model(cfg.judge)
     judge = Judge(lm, cfg.judging)
     start = time.perf_counter()
-    use_wim = cfg.reward.zeta > 0 and cfg.judging.wim
+    use_wim = wants_wim(cfg.judging, cfg.reward)
     judgements = judge.rate(items, wim=use_wim, progress=cfg.progress)
     parts = rewards(judgements, [it.answer for it in items], cfg.reward,
                     load_embedder(cfg.reward.embedder) if use_wim else None)
@@ -185,6 +192,11 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
     summary.update(input=str(cfg.rate.input), judge=lm.name, mode=cfg.judging.mode, zeta=cfg.reward.zeta,
                    seconds=round(time.perf_counter() - start, 2))
     store.write_json(SUMMARY_FILE, summary)
+    if tracker is not None:
+        means = {"score": summary["score"], "reward": summary["reward"], "similarity": summary["similarity"],
+                 **{f"category_{n}": m for n, m in summary["categories"].items()}}
+        tracker.log({f"rate/{name}": m["mean"] for name, m in means.items() if m["mean"] is not None}, step=0)
+        tracker.log_summary({"rate": summary})
     text = format_summary(summary)
     print(text)
     log.info("wrote %s and %s to %s", RATINGS_FILE, SUMMARY_FILE, store.root)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from expertchat.config import EmbedderConfig, JudgingConfig, RewardConfig
 from expertchat.errors import ExpertChatError, first_line
 from expertchat.judging import Judge, Judgement, RatingItem, join_context
-from expertchat.models import package_dir
+from expertchat.models import looks_local, package_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,8 +42,7 @@ def embedder_source(cfg: EmbedderConfig) -> str:
         path = str(package_dir(cfg.package) / cfg.path) if cfg.path else str(package_dir(cfg.package))
     else:
         path = os.path.expanduser(cfg.path)
-    local = path.startswith(("/", ".", "~")) or os.path.exists(path)
-    if local and not os.path.isdir(path):
+    if looks_local(path) and not os.path.isdir(path):
         raise ExpertChatError(f"embedder '{cfg.name}': no model folder at {path}; set reward.embedder.path=<hub id "
                               f"or local folder> (and reward.embedder.package=null)")
     return path
@@ -105,6 +104,12 @@ def load_embedder(cfg: EmbedderConfig) -> Embedder:
 
 
 # ------------------------------------------------------------------------------------------------ reward
+
+
+def wants_wim(judging: JudgingConfig, reward: RewardConfig) -> bool:
+    """Whether the reward reads the judge's WIM critique (``zeta > 0`` and ``judging.wim``), and so needs the
+    critique generated and the embedder loaded."""
+    return reward.zeta > 0 and judging.wim
 
 
 def rating_of(score: float) -> float:
@@ -201,7 +206,7 @@ class JudgeReward:
     ``reward_funcs=[r.rating_reward, r.wim_reward], reward_weights=[1 - zeta, zeta]``. The components share
     one judge pass: the judgements of the last batches are cached by (context, completion). A turn the judge
     could not score (a parse failure with ``on_parse_failure=skip``) gets ``None``; TRL itself would count that
-    as 0, so a trainer should mask such pairs (``training.PairedReward`` does). ``stats`` counts them.
+    as 0, so a trainer should mask such pairs (``dpo.PairedReward`` does). ``stats`` counts them.
 
     Example::
 
@@ -238,7 +243,7 @@ class JudgeReward:
         self.stats["cache_hits"] += len(keys) - len(todo)
         if todo:
             items = [RatingItem(ctx, ans) for ctx, ans in todo]
-            judgements = self.judge.rate(items, wim=self.cfg.zeta > 0 and self.judge.cfg.wim)
+            judgements = self.judge.rate(items, wim=wants_wim(self.judge.cfg, self.cfg))
             for key, part in zip(todo, rewards(judgements, [a for _, a in todo], self.cfg, self.embedder)):
                 self._cache[key] = part
                 self.stats["rated"] += 1
@@ -268,7 +273,7 @@ class JudgeReward:
 
 def reward_for(judging: JudgingConfig, reward: RewardConfig) -> Callable[[LoadedModel], JudgeReward]:
     """A factory for the training stage: judge model -> reward function (``training.RewardFactory``)."""
-    embedder = load_embedder(reward.embedder) if reward.zeta > 0 else None
+    embedder = load_embedder(reward.embedder) if wants_wim(judging, reward) else None
 
     def make(judge_lm: LoadedModel) -> JudgeReward:
         return JudgeReward(Judge(judge_lm, judging), reward, embedder)

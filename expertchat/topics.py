@@ -12,6 +12,7 @@ from typing import Any
 from expertchat.config import GenerationConfig, TopicsConfig
 from expertchat.errors import ExpertChatError, first_line
 from expertchat.models import LoadedModel, render_prompt
+from expertchat.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,38 @@ def load_topics(cfg: TopicsConfig, count: int, *, model: LoadedModel | None = No
     if len(topics) < count:
         log.warning("only %d topics in %s for %d dialogues: cycling", len(topics), where, count)
     return [topics[i % len(topics)] for i in range(count)]
+
+
+TOPICS_FILE = "topics.json"
+
+
+def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int = 0) -> list[str] | None:
+    """The run's topics where they can be read before any model loads, so that bad input fails before anything
+    is written; ``None`` when ``topics.json`` already has them or the actor must write them (``generated``)."""
+    if store.path(TOPICS_FILE).exists() or cfg.source == "generated":
+        return None
+    return load_topics(cfg, count, seed=seed)
+
+
+def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] | None, *,
+               model: LoadedModel, generation: GenerationConfig, seed: int = 0) -> list[str]:
+    """The run's ``count`` topics, chosen once and kept in ``topics.json`` so that a resumed run holds the same
+    dialogues; a run resumed with more rounds (or dialogues) keeps the topics used and adds new ones.
+
+    Args:
+        early: what :func:`read_before_models` returned.
+        model, generation: the actor and its decoding, for ``topics=generated``.
+    """
+    if not store.path(TOPICS_FILE).exists():
+        topics = early or load_topics(cfg, count, model=model, generation=generation, seed=seed)
+        store.write_json(TOPICS_FILE, topics)
+    topics = store.read_json(TOPICS_FILE)
+    if len(topics) < count:
+        more = load_topics(cfg, count, model=model, generation=generation, seed=seed)
+        topics += more[len(topics):]
+        store.write_json(TOPICS_FILE, topics)
+        log.info("%s extended to %d topics", TOPICS_FILE, len(topics))
+    return topics
 
 
 def get_field(record: Any, path: str) -> Any:

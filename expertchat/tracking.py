@@ -1,7 +1,7 @@
 """Experiment tracking: one small interface, ``none`` or ``wandb`` (offline by default).
 
 The pipeline opens one tracker per job and finishes it in a ``finally``; every stage (and the TRL trainer,
-through :class:`expertchat.training.MetricsCallback`) logs into it. Metrics that matter also stay in the run
+through :class:`expertchat.dpo.MetricsCallback`) logs into it. Metrics that matter also stay in the run
 folder whatever the tracker (``train_metrics.jsonl``, ``stages/*.json``), so ``none`` loses nothing.
 
 W&B notes (0.31): ``dir=`` the run folder, so the offline run lands in ``<run_dir>/wandb/offline-run-*``;

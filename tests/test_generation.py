@@ -1,5 +1,5 @@
 """Batched decoding: contrastive search against a slow reference of its definition, sampling, stop tokens,
-prompt order and truncation, and the preallocated KV cache. All on tiny random Llamas with SmolLM2's vocab."""
+prompt order and truncation. All on tiny random Llamas with SmolLM2's vocab."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from expertchat.config import GenerationConfig
-from expertchat.generation import Generated, PreallocatedLayer, generate, make_cache, sample_next
+from expertchat.generation import Generated, generate, sample_next
 from expertchat.models import render_prompt
 from tests.conftest import make_tiny_model
 
@@ -232,34 +232,3 @@ def test_bf16_model_runs_in_its_dtype(smol_tokenizer, prompts):
         outputs = generate(model, smol_tokenizer, prompts, cfg, seed=0, stop_token_ids=[])
         assert [o.new_tokens for o in outputs] == [4] * len(prompts)
     assert model.dtype == torch.bfloat16
-
-
-# ------------------------------------------------------------------------------------ the cache
-
-
-def test_preallocated_layer_behaves_like_dynamic_layer():
-    layer = PreallocatedLayer(capacity=2)
-    k1, v1 = torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4)
-    k2, v2 = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
-    layer.update(k1, v1)
-    keys, values = layer.update(k2, v2)  # past the capacity: the buffer grows
-    assert torch.equal(keys, torch.cat([k1, k2], 2)) and torch.equal(values, torch.cat([v1, v2], 2))
-    assert layer.get_seq_length() == 3 and layer.get_mask_sizes(1) == (4, 0)
-    layer.batch_select_indices(torch.tensor([2, 0]))
-    assert torch.equal(layer.keys, torch.cat([k1, k2], 2)[[2, 0]])
-    layer.batch_repeat_interleave(2)
-    assert torch.equal(layer.values, torch.cat([v1, v2], 2)[[2, 2, 0, 0]])
-    layer.crop(-1)
-    assert torch.equal(layer.keys, k1[[2, 2, 0, 0]])
-
-
-def test_make_cache_keeps_special_layers(smol_tokenizer):
-    from transformers import MistralConfig, MistralForCausalLM
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
-    model = make_tiny_model(smol_tokenizer)
-    assert all(isinstance(layer, PreallocatedLayer) for layer in make_cache(model, 10).layers)
-    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                               num_hidden_layers=1, num_attention_heads=2,
-                                               num_key_value_heads=1, sliding_window=4))
-    assert type(make_cache(sliding, 10).layers[0]) is DynamicSlidingWindowLayer

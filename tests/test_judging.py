@@ -1,5 +1,5 @@
-"""Judging: the rating parser, score tokens, the shared-prefix engine against a plain forward, parse mode, WIM,
-the rating stage, and (embedded SmolLM2) the default judge on labelled answer pairs."""
+"""Judging: the shared-prefix engine against a plain forward, parse mode, WIM, the prompts under real chat
+templates, and (embedded SmolLM2) the default judge on labelled answer pairs."""
 
 from __future__ import annotations
 
@@ -9,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from expertchat import judging
-from expertchat.config import DialogueConfig, JudgingConfig, ModelConfig, RewardConfig, RubricCategory
-from expertchat.dialogue import Dialogue
+from expertchat import scoring
+from expertchat.config import JudgingConfig, ModelConfig, RewardConfig, RubricCategory
 from expertchat.generation import Generated
-from expertchat.judging import (
-    Judge, JudgePrompts, RatingItem, clean_wim, copied_mask, parse_rating, parse_wim, score_distribution, score_tokens)
+from expertchat.judging import Judge, RatingItem
 from expertchat.models import LoadedModel
-from expertchat.store import RunStore
-from tests.conftest import SHARED_DATA, make_tiny_model
+from expertchat.scoring import clean_wim, copied_mask, score_distribution
+from tests.conftest import make_tiny_model
 
 PAIRS = Path(__file__).parent / "data" / "judge_pairs.jsonl"
 ITEMS = [
@@ -36,123 +32,6 @@ def tiny_judge(tok, **overrides) -> Judge:
     model = make_tiny_model(tok, dtype=torch.float32)
     cfg = JudgingConfig(**{"batch_size": 2, **overrides})
     return Judge(LoadedModel("tiny", model, tok, ModelConfig(name="tiny")), cfg)
-
-
-# ------------------------------------------------------------------------------------------------ parser
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("Rating: [[7]]", 7.0),
-    ("Rating: [[ 7 ]]", 7.0),
-    ("rating:[[10]]", 10.0),
-    ("[[8/10]]", 8.0),
-    ("[[7.5]]", 7.5),
-    ("First [[0]], then [[11]], finally [[3]] and [[9]]", 3.0),
-    ("WIM: [[[something]]] Rating: [[6]]", 6.0),
-    ("[[[5]]]", None),  # a WIM bracket, not a rating
-    ("Rating: 7", None),
-    ("[[seven]]", None),
-    ("", None),
-    ("[[-3]] [[1e9]] [[nan]]", None),
-])
-def test_parse_rating(text, expected):
-    assert parse_rating(text) == expected
-
-
-@given(st.text(max_size=400))
-@settings(max_examples=300, deadline=None)
-def test_parse_rating_never_fails_and_stays_in_range(text):
-    value = parse_rating(text)
-    assert value is None or (1 <= value <= 10 and math.isfinite(value))
-
-
-@given(st.text(alphabet=st.characters(blacklist_characters="[]"), max_size=80),
-       st.integers(min_value=1, max_value=10), st.text(max_size=80), st.sampled_from(["", " ", "  "]))
-@settings(max_examples=200, deadline=None)
-def test_parse_rating_finds_the_first_valid_score(before, score, after, pad):
-    assert parse_rating(f"{before}Rating: [[{pad}{score}{pad}]]{after}") == score
-
-
-@given(st.lists(st.integers(min_value=-50, max_value=50), min_size=1, max_size=6))
-@settings(max_examples=200, deadline=None)
-def test_parse_rating_skips_out_of_range_scores(scores):
-    text = " ".join(f"[[{s}]]" for s in scores)
-    valid = [s for s in scores if 1 <= s <= 10]
-    assert parse_rating(text) == (float(valid[0]) if valid else None)
-
-
-def test_parse_wim():
-    assert parse_wim("Rating: [[5]] WIM: [[[It omits costs.]]]") == "It omits costs."
-    assert parse_wim("[[[ ]]] [[[second]]]") == "second"
-    assert parse_wim("no brackets") is None and parse_wim("") is None
-
-
-@pytest.mark.parametrize("text", ["", "   ", "None", "none.", "Nothing", "Nothing is missing.", "N/A", "n/a",
-                                  "No", "nothing at all", "--", "...", '"None"', "The response is complete."])
-def test_empty_wims_are_detected(text):
-    assert clean_wim(text, 400)[1]
-
-
-@pytest.mark.parametrize("text", ["It does not give the year.", "Nothing about costs or risks.",
-                                  "No mention of the 1958 paper."])
-def test_real_wims_are_not_empty(text):
-    _, empty, _ = clean_wim(text, 400)
-    assert not empty
-
-
-@given(st.text(max_size=3000), st.integers(min_value=1, max_value=500))
-@settings(max_examples=200, deadline=None)
-def test_clean_wim_caps_length_and_never_fails(text, cap):
-    out, empty, truncated = clean_wim(text, cap)
-    assert len(out) <= cap and isinstance(empty, bool) and isinstance(truncated, bool)
-
-
-def test_copied_mask_marks_ngrams_from_the_context():
-    assert copied_mask([1, 2, 3, 4], [9, 2, 3, 4, 9], 3).tolist() == [False, True, True, True, False]
-    assert copied_mask([1, 2, 3], [1, 2, 9, 3], 3).tolist() == [False] * 4
-    assert copied_mask([1, 2, 3], [1, 2, 3], 0).tolist() == [False] * 3
-
-
-# ------------------------------------------------------------------------------------------ score tokens
-
-
-def test_score_tokens_handle_two_token_ten(smol_tokenizer):
-    st_ = score_tokens(smol_tokenizer, "Rating: [[")
-    assert st_.ext is not None and st_.second[9] is not None  # "10" = "1" + "0" for SmolLM2
-    assert st_.first[9] == st_.first[0] == st_.ext and all(s is None for s in st_.second[:9])
-    assert len(set(st_.first[:9])) == 9
-
-
-def test_score_distribution_splits_one_and_ten():
-    st_ = judging.ScoreTokens(first=tuple(range(1, 10)) + (1,), second=(None,) * 9 + (0,), ext=1)
-    logits = torch.randn(3, 2, 12)
-    probs, mass = score_distribution(logits, st_)
-    p1 = logits[:, 0].softmax(-1)
-    p2 = logits[:, 1].softmax(-1)
-    raw = torch.stack([p1[:, 1] * (1 - p2[:, 0])] + [p1[:, k] for k in range(2, 10)] + [p1[:, 1] * p2[:, 0]], -1)
-    assert torch.allclose(mass, raw.sum(-1), atol=1e-6)
-    assert torch.allclose(probs, raw / raw.sum(-1, keepdim=True), atol=1e-6)
-    assert torch.allclose(probs.sum(-1), torch.ones(3))
-
-
-class _MergingTokenizer:
-    """A tokenizer whose "[[1" is one token: the prefix would merge with the score."""
-
-    def __call__(self, text, add_special_tokens=False):
-        ids, i = [], 0
-        while i < len(text):
-            if text.startswith("[[1", i):
-                ids.append(1000)
-                i += 3
-            else:
-                ids.append(ord(text[i]))
-                i += 1
-        return {"input_ids": ids}
-
-
-def test_score_tokens_reject_a_prefix_that_merges():
-    with pytest.raises(judging.ExpertChatError, match="rating_prefix"):
-        score_tokens(_MergingTokenizer(), "Rating: [[")
 
 
 # ------------------------------------------------------------------------------ engine vs plain forward
@@ -251,7 +130,7 @@ def test_parroting_the_question_earns_no_likelihood(smol_tokenizer):
     q = "Which methods did Socrates employ to challenge the prevailing thoughts of his time?"
     echo = judge.rate([RatingItem(q, q)], wim=False)[0]
     assert echo.pmi == 0.0 and echo.categories["knowledge"].score == pytest.approx(
-        judging.likelihood_score(0.0, judge.cfg))
+        scoring.likelihood_score(0.0, judge.cfg))
 
 
 @pytest.mark.parametrize("answer", ["", "   ", "\n\t"])
@@ -351,43 +230,6 @@ def test_parse_mode_with_a_real_tiny_model_counts_failures(smol_tokenizer):
     assert judge.counts["parse_failures"] == 4 and all(j.score is None for j in res)
 
 
-# ------------------------------------------------------------------------------------------- rating stage
-
-
-class FakeEmbedder:
-    def similarity(self, a, b):
-        return [0.5 for _ in a]
-
-
-def test_rating_stage_writes_one_record_per_turn(smol_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr("expertchat.rewards.load_embedder", lambda cfg: FakeEmbedder())
-    tok = smol_tokenizer
-    models = {"actor": LoadedModel("tiny_a", make_tiny_model(tok), tok, ModelConfig(name="tiny_a")),
-              "judge": LoadedModel("tiny_j", make_tiny_model(tok, seed=1), tok, ModelConfig(name="tiny_j"))}
-    dialogues = []
-    for i, topic in enumerate(["tides", "compilers"]):
-        d = Dialogue(f"r0-d00{i}", topic)
-        for t, text in enumerate(["The moon pulls the ocean.", "Why two bulges?", "", "Inertia, mostly."]):
-            d.turns.append({"dialogue_id": d.id, "turn": t, "role": "actor" if t % 2 == 0 else "judge",
-                            "model": "tiny_a" if t % 2 == 0 else "tiny_j", "text": text, "topic": topic})
-        dialogues.append(d)
-    store = RunStore(tmp_path)
-    cfg = JudgingConfig(wim_max_new_tokens=4, batch_size=3)
-    summary = judging.run_rating(models, dialogues, DialogueConfig(), cfg, RewardConfig(), store, progress=False)
-    rows = [json.loads(line) for line in (tmp_path / judging.RATINGS_FILE).read_text().splitlines()]
-    assert len(rows) == 8 and {(r["rater"], r["ratee"]) for r in rows} == {("judge", "actor"), ("actor", "judge")}
-    keys = {"round", "dialogue_id", "turn", "rater", "ratee", "rater_model", "ratee_model", "categories", "score",
-            "wim", "wim_status", "similarity", "similarity_status", "rating", "reward", "mode", "status", "pmi"}
-    assert all(keys <= set(r) for r in rows)
-    assert all(-1 <= r["reward"] <= 1 and math.isfinite(r["reward"]) for r in rows)
-    empty = [r for r in rows if r["turn"] == 2]
-    assert len(empty) == 2 and all(r["status"] == "empty_answer" and r["similarity"] == 0.0 for r in empty)
-    first = next(r for r in rows if r["turn"] == 0)
-    assert first["rater_model"] == "tiny_j" and set(first["categories"]) == set(cfg.rubric)
-    s = summary["models"]["actor"]
-    assert s["rated"] == 4 and s["empty_answers"] == 2 and s["rater"] == "judge" and s["score_mean"] is not None
-
-
 # --------------------------------------------------------------------------------------- embedded SmolLM2
 
 
@@ -408,26 +250,6 @@ def test_default_judge_prefers_good_answers_on_labelled_pairs(smollm2):
     assert rate >= 0.75, f"win rate {rate:.0%}"
     assert sum(off) / len(off) >= 0.75
     assert _binom_p(sum(wins), len(wins)) < 1e-3
-
-
-@pytest.mark.parametrize("name", ["llama3_8b_instruct", "mixtral_8x7b_instruct"])
-def test_judge_prompts_render_with_the_real_chat_templates(smol_tokenizer, name):
-    """The judge's prompt survives each real template (Llama 3 trims message contents; Mixtral has no system
-    role): context and answer appear once each, in order, and the instruction follows them."""
-    import copy
-
-    path = SHARED_DATA / "chat_templates" / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    tok = copy.deepcopy(smol_tokenizer)
-    tok.chat_template = json.loads(path.read_text())["chat_template"]
-    prompts = JudgePrompts(tok, JudgingConfig())
-    context, answer = "What drives a Plinian eruption?", "Gas exsolution in silicic magma."
-    ids, start = prompts.prefix(prompts.context_ids(context), prompts.answer_ids(answer))
-    text = tok.decode(ids + prompts.rating_suffixes[("knowledge", 0)])
-    assert text.count(context) == 1 and text.count(answer) == 1
-    assert text.index(context) < text.index(answer) < text.index("knowledge") < text.rindex("Rating: [[")
-    assert tok.decode(ids[start:start + len(prompts.answer_ids(answer))]) == answer
 
 
 def test_a_sliding_window_judge_rates_past_its_window(smol_tokenizer):

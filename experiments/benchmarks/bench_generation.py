@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from expertchat import generation  # noqa: E402
+from expertchat import generation, kvcache  # noqa: E402
 from expertchat.config import GenerationConfig, ModelConfig  # noqa: E402
 from expertchat.models import load_model, render_prompt  # noqa: E402
 
@@ -111,14 +111,14 @@ def main() -> None:
         return sum(o.new_tokens for o in generation.generate(model, tok, prompts, cfg, stop_token_ids=stops,
                                                              seed=0))
 
-    def patched(name: str, value, fn: Callable[[], int]) -> Callable[[], int]:
+    def patched(name: str, value, fn: Callable[[], int], module=generation) -> Callable[[], int]:
         def run() -> int:
-            original = getattr(generation, name)
-            setattr(generation, name, value)
+            original = getattr(module, name)
+            setattr(module, name, value)
             try:
                 return fn()
             finally:
-                setattr(generation, name, original)
+                setattr(module, name, original)
         return run
 
     batch = len(prompts)
@@ -134,14 +134,14 @@ def main() -> None:
         "prefill": lambda: ours(GenerationConfig(max_new_tokens=1, batch_size=batch), [never]),
     }
     if not args.quick:
-        original_make_cache = generation.make_cache
+        original_make_cache = kvcache.make_cache
         methods.update({
             "hf_greedy": lambda: hf(False, [never]),
             "sample_dynamic_cache": patched(
                 "make_cache", lambda m, c, preallocate=True: original_make_cache(m, c, preallocate=False),
-                lambda: ours(sample, [never])),
+                lambda: ours(sample, [never]), module=kvcache),
             "sample_multinomial": patched("_draw", multinomial_draw, lambda: ours(sample, [never])),
-            "contrastive_full_copy": patched("_copy_last_position", lambda cache, rows: cache.batch_select_indices(rows),
+            "contrastive_full_copy": patched("copy_last_position", lambda cache, rows: cache.batch_select_indices(rows),
                                              lambda: ours(contrastive, [never])),
             "hf_sample_eos": lambda: hf(True, real_stops),
             "sample_eos": lambda: ours(sample, real_stops),

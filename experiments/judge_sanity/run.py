@@ -29,8 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from expertchat.config import JudgingConfig, ModelConfig  # noqa: E402
-from expertchat.judging import (  # noqa: E402
-    Judge, PrefixBatch, RatingItem, expected_score, likelihood_score)
+from expertchat.judging import Judge, RatingItem  # noqa: E402
+from expertchat.kvcache import PrefixBatch  # noqa: E402
+from expertchat.scoring import expected_score, likelihood_score  # noqa: E402
 from expertchat.models import chat_messages, load_model  # noqa: E402
 
 PAIRS = ROOT / "tests" / "data" / "judge_pairs.jsonl"

@@ -1,0 +1,92 @@
+"""The training stage in the pipeline loop: resuming a killed training stage without duplicated records, more
+rounds added to a finished run, a judge failure that keeps the earlier stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertchat.errors import ExpertChatError
+from expertchat.models import LoadedModel
+from expertchat.training import TRAIN_METRICS_FILE
+from tests.conftest import make_tiny_model
+
+
+def pipeline_cfg(tmp_path, *overrides: str):
+    from tests.test_config import compose_cfg
+
+    cfg = compose_cfg("topics.n=2", "dialogue.turns=2", "generation.max_new_tokens=4", "training.steps=1",
+                      "training.max_new_tokens=4", "judging.wim_max_new_tokens=4", "progress=false", *overrides)
+    cfg.run_dir = str(tmp_path)
+    return cfg
+
+
+def test_pipeline_resumes_training_without_duplicating_records(smol_tokenizer, tmp_path, monkeypatch):
+    from expertchat import pipeline
+
+    def tiny_load_pair(actor_cfg, judge_cfg):
+        model = make_tiny_model(smol_tokenizer)
+        return LoadedModel("tiny", model, smol_tokenizer, actor_cfg), LoadedModel("tiny", model, smol_tokenizer,
+                                                                                  judge_cfg)
+
+    monkeypatch.setattr(pipeline, "load_pair", tiny_load_pair)
+    cfg = pipeline_cfg(tmp_path, "rounds=2")
+    summary = pipeline.run(cfg)
+    assert set(summary["training"]["roles"]) == {"actor", "judge"}
+    for r in (0, 1):
+        for role in ("actor", "judge"):
+            assert (tmp_path / f"adapters/round_{r}/{role}/adapter_config.json").exists()
+    rewards = json.loads((tmp_path / "rewards_by_round.json").read_text())
+    assert [(row["round"], row["model"]) for row in rewards] == [(0, "actor"), (0, "judge"), (1, "actor"),
+                                                                  (1, "judge")]
+    files = {name: (tmp_path / name).read_text() for name in ("turns.jsonl", "ratings.jsonl")}
+    metrics = (tmp_path / TRAIN_METRICS_FILE).read_text().splitlines()
+
+    # killed during round 1's training: its marker and adapters are missing; the rerun redoes only that stage
+    (tmp_path / "stages/round_1.training.json").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "adapters/round_1")
+    pipeline.run(cfg)
+    assert {name: (tmp_path / name).read_text() for name in files} == files
+    again = (tmp_path / TRAIN_METRICS_FILE).read_text().splitlines()
+    assert len(again) == len(metrics)  # round 1's earlier lines moved aside, not duplicated
+    assert len((tmp_path / "train_metrics.incomplete.jsonl").read_text().splitlines()) == sum(
+        json.loads(line)["round"] == 1 for line in metrics)
+    assert (tmp_path / "adapters/round_1/judge/adapter_config.json").exists()
+    assert len(json.loads((tmp_path / "rewards_by_round.json").read_text())) == 4
+
+    # continued with one more round: the topics used are kept, new ones added; earlier records untouched
+    topics = json.loads((tmp_path / "topics.json").read_text())
+    pipeline.run(pipeline_cfg(tmp_path, "rounds=3"))
+    assert json.loads((tmp_path / "topics.json").read_text())[:len(topics)] == topics
+    turns = [json.loads(line) for line in (tmp_path / "turns.jsonl").read_text().splitlines()]
+    assert (tmp_path / "turns.jsonl").read_text().startswith(files["turns.jsonl"])
+    assert {t["round"] for t in turns} == {0, 1, 2} and sum(t["round"] == 2 for t in turns) == 2 * 2
+    assert (tmp_path / "adapters/round_2/actor/adapter_config.json").exists()
+
+
+def test_pipeline_judge_failure_keeps_earlier_stages(smol_tokenizer, tmp_path, monkeypatch):
+    from expertchat import pipeline, rewards
+
+    def tiny_load_pair(actor_cfg, judge_cfg):
+        model = make_tiny_model(smol_tokenizer)
+        return LoadedModel("tiny", model, smol_tokenizer, actor_cfg), LoadedModel("tiny", model, smol_tokenizer,
+                                                                                  judge_cfg)
+
+    def broken_reward_for(judging, reward):
+        def make(judge):
+            def reward_fn(prompts, completions, **kwargs):
+                raise RuntimeError("CUDA error: device-side assert")
+            return reward_fn
+        return make
+
+    monkeypatch.setattr(pipeline, "load_pair", tiny_load_pair)
+    monkeypatch.setattr(rewards, "reward_for", broken_reward_for)
+    cfg = pipeline_cfg(tmp_path)
+    with pytest.raises(ExpertChatError, match=r"training round 0 \(actor\) stopped at step 1/1: the judge"):
+        pipeline.run(cfg)
+    assert (tmp_path / "stages/round_0.dialogue.json").exists() and (tmp_path / "stages/round_0.rating.json").exists()
+    assert not (tmp_path / "stages/round_0.training.json").exists()
+    assert len((tmp_path / "turns.jsonl").read_text().splitlines()) == 4
