@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE = 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-slow test-all bench clean
+.PHONY: run test test-e2e test-slow test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) -m expertchat $(ARGS)
 
-test: $(VENV)/.installed-dev
-	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+# Test tiers (markers in pyproject.toml): the default is the fast unit tier; CI (.ci/run) runs every tier.
+test: $(VENV)/.installed-dev           # unit: tiny random models built in-process, config, the package's shape
+	$(PY) -m pytest -m "not e2e and not slow and not slurm and not gpu" $(PYTEST_ARGS)
 
-test-slow: $(VENV)/.installed-dev      # the embedded models on real work (~2 min): e.g. a LoRA policy learning a reward
+test-e2e: $(VENV)/.installed-dev       # end to end: the CLI in subprocesses, the embedded SmolLM2 on real work
+	$(PY) -m pytest -m "e2e and not slow and not slurm" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed-dev      # learning: the embedded SmolLM2 learning an easy reward through the training stage
 	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev

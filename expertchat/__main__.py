@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from expertchat.config import register, to_config
+from expertchat.config import register, renamed, to_config
 from expertchat.errors import ExpertChatError, first_line
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -52,6 +52,10 @@ def preflight(overrides: list[str]) -> None:
 
     from omegaconf import open_dict
 
+    for override in overrides:
+        key = override.partition("=")[0]
+        if renamed(key):
+            fail(f"{key.lstrip('+~')} was renamed to {renamed(key)}: use {renamed(key)}={override.partition('=')[2]}")
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -70,6 +74,8 @@ def preflight(overrides: list[str]) -> None:
         cause = exc.__cause__ or exc
         first = first_line(cause) or type(cause).__name__
         key = getattr(cause, "full_key", None)
+        if key and renamed(key):
+            fail(f"{key} was renamed to {renamed(key)}")
         fail(f"{first}" + (f" (key: {key})" if key and key not in first else ""))
 
 

@@ -273,8 +273,9 @@ class Policies:
     def _lora_config(self):
         from peft import LoraConfig
 
-        targets = list(self.cfg.lora_target_modules)
-        return LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+        lora = self.cfg.lora
+        targets = list(lora.target_modules)
+        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=targets[0] if targets == ["all-linear"] else targets, bias="none",
                           task_type="CAUSAL_LM")
 

@@ -14,12 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from expertchat.errors import ExpertChatError, first_line
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ExpertChatError(f"config error: {key} {message}")
+from expertchat.errors import ExpertChatError, check, first_line
+from expertchat.judging_schema import JudgingConfig, ParseConfig, RubricCategory  # noqa: F401 - part of the schema
 
 
 @dataclass
@@ -40,9 +36,9 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "dtype", f"is '{self.dtype}'; "
+        check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "dtype", f"is '{self.dtype}'; "
                "use auto, float32, bfloat16 or float16")
-        _check(self.max_length > 0, "model.max_length", "must be > 0")
+        check(self.max_length > 0, "model.max_length", "must be > 0")
 
 
 @dataclass
@@ -58,16 +54,16 @@ class GenerationConfig:
     batch_size: int = 32  # most sequences per forward pass
 
     def __post_init__(self) -> None:
-        _check(self.strategy in {"sample", "contrastive"}, "generation.strategy",
+        check(self.strategy in {"sample", "contrastive"}, "generation.strategy",
                f"is '{self.strategy}'; use sample or contrastive")
-        _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
-        _check(self.temperature > 0, "generation.temperature", "must be > 0")
-        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
-        _check(self.top_k >= 0, "generation.top_k", "must be >= 0")
-        _check(0 <= self.penalty_alpha <= 1, "generation.penalty_alpha", "must be in [0, 1]")
-        _check(self.strategy != "contrastive" or self.top_k >= 1, "generation.top_k",
+        check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
+        check(self.temperature > 0, "generation.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        check(self.top_k >= 0, "generation.top_k", "must be >= 0")
+        check(0 <= self.penalty_alpha <= 1, "generation.penalty_alpha", "must be in [0, 1]")
+        check(self.strategy != "contrastive" or self.top_k >= 1, "generation.top_k",
                "must be >= 1 for contrastive search")
-        _check(self.batch_size > 0, "generation.batch_size", "must be > 0")
+        check(self.batch_size > 0, "generation.batch_size", "must be > 0")
 
 
 @dataclass
@@ -87,9 +83,9 @@ class TopicsConfig:
     shuffle: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.source in {"builtin", "generated", "jsonl", "hf"}, "topics.source",
+        check(self.source in {"builtin", "generated", "jsonl", "hf"}, "topics.source",
                f"is '{self.source}'; use builtin, generated, jsonl or hf")
-        _check(self.n > 0, "topics.n", "must be > 0")
+        check(self.n > 0, "topics.n", "must be > 0")
 
 
 @dataclass
@@ -113,13 +109,30 @@ class DialogueConfig:
         return (self.actor_persona if role == "actor" else self.judge_persona).format(topic=topic)
 
     def __post_init__(self) -> None:
-        _check(self.turns > 0, "dialogue.turns", f"is {self.turns}; it must be > 0 (e.g. dialogue.turns=4)")
+        check(self.turns > 0, "dialogue.turns", f"is {self.turns}; it must be > 0 (e.g. dialogue.turns=4)")
         for key in ("actor_persona", "judge_persona", "opening"):
             try:
                 getattr(self, key).format(topic="x")
             except (KeyError, IndexError, ValueError) as exc:
                 raise ExpertChatError(f"config error: dialogue.{key} may only use the {{topic}} placeholder "
                                       f"(found {exc!r})") from None
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter each role trains (``training.lora.*``; peft's ``LoraConfig``, Hu et al., 2021)."""
+
+    r: int = 8  # rank
+    alpha: int = 16  # scaling: the update is (alpha / r) * B A
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # [all-linear]
+
+    def __post_init__(self) -> None:
+        check(self.r > 0, "training.lora.r", "must be > 0")
+        check(self.alpha > 0, "training.lora.alpha", "must be > 0")
+        check(0 <= self.dropout < 1, "training.lora.dropout", "must be in [0, 1)")
+        check(len(self.target_modules) > 0, "training.lora.target_modules",
+               "is empty; e.g. [q_proj,v_proj] or [all-linear]")
 
 
 @dataclass
@@ -146,37 +159,29 @@ class TrainingConfig:
     bidirectional: bool = True  # false: only the actor is trained (teacher / student)
     method: str = "lora"  # lora (QLoRA when the model loads in 4 bit) | full
     reference: str = "previous"  # previous: the round-start policy | base: the base model (lora only)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora: LoraSettings = field(default_factory=LoraSettings)  # the adapter (method=lora)
     gradient_checkpointing: bool = False  # true turns the KV cache off while sampling (~3x slower on CPU)
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0, "training.steps", f"is {self.steps}; it must be >= 0 (0 skips training)")
-        _check(self.batch_size > 0, "training.batch_size", "must be > 0")
-        _check(self.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps", "must be > 0")
-        _check(self.learning_rate > 0, "training.learning_rate", "must be > 0")
-        _check(self.lr_scheduler in {"constant", "linear", "cosine"}, "training.lr_scheduler",
+        check(self.steps >= 0, "training.steps", f"is {self.steps}; it must be >= 0 (0 skips training)")
+        check(self.batch_size > 0, "training.batch_size", "must be > 0")
+        check(self.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps", "must be > 0")
+        check(self.learning_rate > 0, "training.learning_rate", "must be > 0")
+        check(self.lr_scheduler in {"constant", "linear", "cosine"}, "training.lr_scheduler",
                f"is '{self.lr_scheduler}'; use constant, linear or cosine")
-        _check(self.beta > 0, "training.beta", "must be > 0")
-        _check(self.loss_type in {"sigmoid", "ipo"}, "training.loss_type",
+        check(self.beta > 0, "training.beta", "must be > 0")
+        check(self.loss_type in {"sigmoid", "ipo"}, "training.loss_type",
                f"is '{self.loss_type}'; use sigmoid or ipo")
-        _check(self.max_new_tokens > 0, "training.max_new_tokens", "must be > 0")
-        _check(self.temperature > 0, "training.temperature", "must be > 0")
-        _check(0 < self.top_p <= 1, "training.top_p", "must be in (0, 1]")
-        _check(self.max_prompt_tokens > 0, "training.max_prompt_tokens", "must be > 0")
-        _check(self.tie_tolerance >= 0, "training.tie_tolerance", "must be >= 0")
-        _check(self.method in {"lora", "full"}, "training.method", f"is '{self.method}'; use lora or full")
-        _check(self.reference in {"previous", "base"}, "training.reference",
+        check(self.max_new_tokens > 0, "training.max_new_tokens", "must be > 0")
+        check(self.temperature > 0, "training.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "training.top_p", "must be in (0, 1]")
+        check(self.max_prompt_tokens > 0, "training.max_prompt_tokens", "must be > 0")
+        check(self.tie_tolerance >= 0, "training.tie_tolerance", "must be >= 0")
+        check(self.method in {"lora", "full"}, "training.method", f"is '{self.method}'; use lora or full")
+        check(self.reference in {"previous", "base"}, "training.reference",
                f"is '{self.reference}'; use previous or base")
-        _check(self.method == "lora" or self.reference == "previous", "training.reference",
+        check(self.method == "lora" or self.reference == "previous", "training.reference",
                "=base needs training.method=lora (full fine-tuning keeps no copy of the base)")
-        _check(self.lora_r > 0, "training.lora_r", "must be > 0")
-        _check(self.lora_alpha > 0, "training.lora_alpha", "must be > 0")
-        _check(0 <= self.lora_dropout < 1, "training.lora_dropout", "must be in [0, 1)")
-        _check(len(self.lora_target_modules) > 0, "training.lora_target_modules",
-               "is empty; e.g. [q_proj,v_proj] or [all-linear]")
 
 
 @dataclass
@@ -192,128 +197,9 @@ class TrackerConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check(self.backend in {"none", "wandb"}, "tracker.backend", f"is '{self.backend}'; use none or wandb")
-        _check(self.mode in {"offline", "online", "disabled"}, "tracker.mode",
+        check(self.backend in {"none", "wandb"}, "tracker.backend", f"is '{self.backend}'; use none or wandb")
+        check(self.mode in {"offline", "online", "disabled"}, "tracker.mode",
                f"is '{self.mode}'; use offline, online or disabled")
-
-
-@dataclass
-class RubricCategory:
-    """One rubric category (``judging.rubric.<name>``): what the judge is asked, its weight, its signal.
-
-    ``signal``: ``rubric`` = the judge's rating of the category (the expected score from token probabilities in
-    ``expected`` mode, the parsed ``[[N]]`` in ``parse`` mode); ``likelihood`` = GPTScore-style relevance: the
-    judge's log-probability of the answer given the context minus without it, mapped to [1, 10];
-    ``blend`` = the mean of both. See ``expertchat/judging.py``.
-    """
-
-    description: str = ""
-    weight: float = 1.0
-    signal: str = "rubric"  # rubric | likelihood | blend
-
-
-def _default_rubric() -> dict[str, RubricCategory]:
-    # The default for small judges (measured in experiments/judge_sanity): a 135M judge's rubric score cannot
-    # tell a good answer from a poor one (44% of labelled pairs), its likelihood can (90%).
-    return {
-        "knowledge": RubricCategory("Is the response correct, relevant to what was asked, and does it show "
-                                    "real knowledge of the topic?", 1.0, "likelihood"),
-        "depth": RubricCategory("Does the response go into specific, concrete detail rather than generalities?",
-                                1.0, "likelihood"),
-        "human_expert_likeness": RubricCategory("Does the response read like a human expert talking, not an AI?",
-                                                1.0, "rubric"),
-    }
-
-
-@dataclass
-class JudgingConfig:
-    """How a judge rates a turn (``expertchat/judging.py``); the judge *model* is ``judge`` (``model@judge``).
-
-    Templates: ``prompt`` holds ``{context}`` and ``{answer}``; each of ``instructions`` holds ``{category}``
-    and ``{description}`` and follows the prompt in the same user message (several phrasings are averaged);
-    the judge's reply is forced to start with ``rating_prefix``. ``wim_instruction`` asks what is missing, the
-    reply starts with ``wim_prefix``. ``parse_instruction`` is the original's wording for ``mode=parse``.
-    """
-
-    mode: str = "expected"  # expected: expected score from token probabilities | parse: generate and parse [[N]]
-    rubric: dict[str, RubricCategory] = field(default_factory=_default_rubric)
-    system: str = "You are an impartial expert judge."
-    prompt: str = ("Please act as an impartial judge and evaluate the response below.\n\n[Question]\n{context}\n\n"
-                   "[The Start of the Response]\n{answer}\n[The End of the Response]\n\n")
-    instructions: list[str] = field(default_factory=lambda: [
-        'Rate the {category} of the response: {description} Rate it on a scale of 1 to 10 by strictly following '
-        'this format: "[[rating]]", for example: "Rating: [[5]]".'])
-    rating_prefix: str = "Rating: [["
-    calibrate: bool = False  # contextual calibration: divide by the score distribution of a content-free answer
-    content_free: str = "N/A"  # the content-free answer (calibration) / question (likelihood baseline)
-    likelihood_center: float = 20.0  # summed PMI (nats) that maps to the middle of the scale (5.5)
-    likelihood_scale: float = 10.0  # nats of PMI per unit of logistic slope
-    likelihood_per_token: bool = False  # average the PMI per token instead of summing it
-    likelihood_copy_ngram: int = 3  # answer tokens inside an n-gram copied from the context count 0 (0: off)
-    wim: bool = True  # write a "what is missing" critique (skipped when reward.zeta == 0)
-    wim_instruction: str = ("In one or two sentences, say what specific content or precise information is missing "
-                            "from the response. If nothing is missing, say: Nothing.")
-    wim_prefix: str = "What is missing:"
-    wim_max_new_tokens: int = 48
-    wim_max_chars: int = 400
-    parse_instruction: str = (
-        "Rate the {category} of the response: {description} Begin your evaluation by providing a short "
-        "explanation. Be as objective as possible. After providing your explanation, please rate the response on "
-        'a scale of 1 to 10 by strictly following this format: "[[rating]]", for example: "Rating: [[5]]". Next '
-        "you will provide a 1-2 sentence summary of what is missing (WIM) in the response. This should focus on "
-        "the specific content and precise information it did not include. Please give this summary by strictly "
-        'following this format: "[[[wim]]]", for example: "WIM: [[[The response does not detail ...]]]". If you '
-        "don't have any feedback don't include the wim brackets.")
-    parse_strategy: str = "contrastive"  # decoding of parse mode (the original: contrastive, k=4, alpha=0.6)
-    parse_max_new_tokens: int = 256
-    parse_top_k: int = 4
-    parse_penalty_alpha: float = 0.6
-    parse_temperature: float = 1.0
-    on_parse_failure: str = "skip"  # skip: the turn gets no reward | neutral: the category scores neutral_score
-    neutral_score: float = 5.0
-    context_turns: int = 2  # preceding dialogue turns the judge sees
-    max_context_tokens: int = 384  # longer contexts keep their end
-    max_answer_tokens: int = 384  # longer answers keep their start
-    batch_size: int = 16  # rated turns per forward pass (fewer where the likelihood's logits would not fit)
-
-    def __post_init__(self) -> None:
-        _check(self.mode in {"expected", "parse"}, "judging.mode", f"is '{self.mode}'; use expected or parse")
-        _check(len(self.rubric) > 0, "judging.rubric", "is empty; give at least one category")
-        for name, cat in self.rubric.items():
-            _check(cat.weight >= 0, f"judging.rubric.{name}.weight", f"is {cat.weight}; it must be >= 0")
-            _check(cat.signal in {"rubric", "likelihood", "blend"}, f"judging.rubric.{name}.signal",
-                   f"is '{cat.signal}'; use rubric, likelihood or blend")
-        _check(sum(c.weight for c in self.rubric.values()) > 0, "judging.rubric",
-               "weights sum to 0; give at least one category a positive weight")
-        _check(len(self.instructions) > 0, "judging.instructions", "is empty; give at least one phrasing")
-        for key, text, names in [("prompt", self.prompt, {"context", "answer"}),
-                                 ("parse_instruction", self.parse_instruction, {"category", "description"}),
-                                 *[(f"instructions[{i}]", t, {"category", "description"})
-                                   for i, t in enumerate(self.instructions)]]:
-            try:
-                text.format(**{n: "x" for n in names})
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ExpertChatError(f"config error: judging.{key} may only use the placeholders "
-                                      f"{', '.join('{' + n + '}' for n in sorted(names))} (found {exc!r})") from None
-        _check("{answer}" in self.prompt and "{context}" in self.prompt, "judging.prompt",
-               "must contain {context} and {answer}")
-        _check(bool(self.rating_prefix.strip()), "judging.rating_prefix", "is empty; e.g. 'Rating: [['")
-        _check(self.likelihood_scale > 0, "judging.likelihood_scale", "must be > 0")
-        _check(self.wim_max_new_tokens > 0, "judging.wim_max_new_tokens", "must be > 0")
-        _check(self.wim_max_chars > 0, "judging.wim_max_chars", "must be > 0")
-        _check(self.parse_strategy in {"sample", "contrastive"}, "judging.parse_strategy",
-               f"is '{self.parse_strategy}'; use sample or contrastive")
-        _check(self.parse_max_new_tokens > 0, "judging.parse_max_new_tokens", "must be > 0")
-        _check(self.parse_top_k >= 1, "judging.parse_top_k", "must be >= 1")
-        _check(0 <= self.parse_penalty_alpha <= 1, "judging.parse_penalty_alpha", "must be in [0, 1]")
-        _check(self.parse_temperature > 0, "judging.parse_temperature", "must be > 0")
-        _check(self.on_parse_failure in {"skip", "neutral"}, "judging.on_parse_failure",
-               f"is '{self.on_parse_failure}'; use skip or neutral")
-        _check(1 <= self.neutral_score <= 10, "judging.neutral_score", "must be in [1, 10]")
-        _check(self.context_turns >= 1, "judging.context_turns", "must be >= 1")
-        _check(self.max_context_tokens > 0, "judging.max_context_tokens", "must be > 0")
-        _check(self.max_answer_tokens > 0, "judging.max_answer_tokens", "must be > 0")
-        _check(self.batch_size > 0, "judging.batch_size", "must be > 0")
 
 
 @dataclass
@@ -329,8 +215,8 @@ class EmbedderConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _check(self.batch_size > 0, "reward.embedder.batch_size", "must be > 0")
-        _check(bool(self.package or self.path), "reward.embedder.path", "is empty; give a hub id or local folder")
+        check(self.batch_size > 0, "reward.embedder.batch_size", "must be > 0")
+        check(bool(self.package or self.path), "reward.embedder.path", "is empty; give a hub id or local folder")
 
 
 @dataclass
@@ -343,8 +229,8 @@ class RewardConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.zeta <= 1, "reward.zeta", f"is {self.zeta}; it must be in [0, 1]")
-        _check(-1 <= self.empty_wim_similarity <= 1, "reward.empty_wim_similarity", "must be in [-1, 1]")
+        check(0 <= self.zeta <= 1, "reward.zeta", f"is {self.zeta}; it must be in [0, 1]")
+        check(-1 <= self.empty_wim_similarity <= 1, "reward.empty_wim_similarity", "must be in [-1, 1]")
 
 
 @dataclass
@@ -360,8 +246,8 @@ class RateConfig:
     limit: Optional[int] = None  # rate only the first N records
 
     def __post_init__(self) -> None:
-        _check(self.bootstrap >= 0, "rate.bootstrap", "must be >= 0")
-        _check(self.limit is None or self.limit > 0, "rate.limit", "must be > 0")
+        check(self.bootstrap >= 0, "rate.bootstrap", "must be >= 0")
+        check(self.limit is None or self.limit > 0, "rate.limit", "must be > 0")
 
 
 @dataclass
@@ -385,16 +271,28 @@ class ExpertChatConfig:
     progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, "mode", f"is '{self.mode}'; use one of {', '.join(MODES)}")
-        _check(self.mode != "rate" or bool(self.rate.input), "rate.input",
+        check(self.mode in MODES, "mode", f"is '{self.mode}'; use one of {', '.join(MODES)}")
+        check(self.mode != "rate" or bool(self.rate.input), "rate.input",
                "is not set: mode=rate needs rate.input=FILE.jsonl")
-        _check(self.rounds > 0, "rounds", "must be > 0")
-        _check(self.reward.zeta == 0 or self.judging.wim, "judging.wim",
+        check(self.rounds > 0, "rounds", "must be > 0")
+        check(self.reward.zeta == 0 or self.judging.wim, "judging.wim",
                f"is false but reward.zeta is {self.reward.zeta}: the WIM part of the reward needs the critique; set "
                f"judging.wim=true or reward=rating_only")
 
 
 MODES = ("run", "rate")  # each one's module: expertchat/modes.py
+
+# Keys that moved, old -> new: an override or file that uses the old name stops with one line naming the new one.
+RENAMED = {
+    **{f"judging.parse_{k}": f"judging.parse.{k}"
+       for k in ("instruction", "strategy", "max_new_tokens", "top_k", "penalty_alpha", "temperature")},
+    **{f"training.lora_{k}": f"training.lora.{k}" for k in ("r", "alpha", "dropout", "target_modules")},
+}
+
+
+def renamed(key: str) -> str | None:
+    """The new name of a key that moved (``training.lora_r`` -> ``training.lora.r``), else ``None``."""
+    return RENAMED.get(key.lstrip("+~"))
 
 
 def register() -> None:

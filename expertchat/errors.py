@@ -14,3 +14,14 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     library error is quoted inside a one-line ExpertChat error."""
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else "")[:limit]
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """A config check: raise ``ExpertChatError("config error: <key> <message>")`` unless ``ok``.
+
+    >>> check(False, "topics.n", "must be > 0")
+    Traceback (most recent call last):
+    expertchat.errors.ExpertChatError: config error: topics.n must be > 0
+    """
+    if not ok:
+        raise ExpertChatError(f"config error: {key} {message}")

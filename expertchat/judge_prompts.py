@@ -80,7 +80,7 @@ class JudgePrompts:
 
     def parse_prompt(self, context: str, answer: str, category: str) -> str:
         """The full text prompt of parse mode for one category (the original's instruction)."""
-        ins = self.cfg.parse_instruction.format(category=category.replace("_", " "),
+        ins = self.cfg.parse.instruction.format(category=category.replace("_", " "),
                                                 description=self.cfg.rubric[category].description)
         ids = (self.prefix(self.context_ids(context), self.answer_ids(answer))[0] + self._ids(ins + self.tail))
         return self.tok.decode(ids)

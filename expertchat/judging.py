@@ -265,9 +265,9 @@ class Judge:
         from expertchat.generation import generate
 
         cfg = self.cfg
-        gen = GenerationConfig(strategy=cfg.parse_strategy, max_new_tokens=cfg.parse_max_new_tokens,
-                               temperature=cfg.parse_temperature, top_k=cfg.parse_top_k,
-                               penalty_alpha=cfg.parse_penalty_alpha, batch_size=cfg.batch_size)
+        p = cfg.parse
+        gen = GenerationConfig(strategy=p.strategy, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                               top_k=p.top_k, penalty_alpha=p.penalty_alpha, batch_size=cfg.batch_size)
         names = list(cfg.rubric)
         prompts = [self.prompts.parse_prompt(it.context, it.answer, name) for it in items for name in names]
         start = time.perf_counter()

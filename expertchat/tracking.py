@@ -79,7 +79,12 @@ class WandbTracker(Tracker):
             self.run.summary[key] = value
 
     def finish(self, exit_code: int = 0) -> None:
+        import wandb
+
         self.run.finish(exit_code=exit_code)
+        # finish() can return before the service has flushed the run's .wandb log (seen once in the test suite under
+        # load: the file held only its header); teardown waits for the service to write everything and exit.
+        wandb.teardown(exit_code=exit_code)
 
 
 def make_tracker(cfg: TrackerConfig, run_dir: str | os.PathLike[str], config: dict[str, Any]) -> Tracker:

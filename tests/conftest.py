@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"  # copies of real inputs: MT-Bench questions, the users' models' chat templates
 
 
 def smollm2_config():
@@ -75,7 +75,19 @@ def smollm2():
 def mt_bench():
     import json
 
-    path = SHARED_DATA / "mt_bench_questions.jsonl"
+    path = DATA / "mt_bench_questions.jsonl"
     if not path.exists():
         pytest.skip(f"{path} not found")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where CUDA is not available (they never decide a CPU run's outcome)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

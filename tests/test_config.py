@@ -1,14 +1,19 @@
-"""Every conf group option composes onto the typed schema; bad values fail with one line naming the key."""
+"""Every conf group option composes onto the typed schema, and says each value once; bad values fail with one line
+naming the key."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from expertchat.config import ExpertChatConfig, register, to_config
+from expertchat.config import (
+    DialogueConfig, ExpertChatConfig, GenerationConfig, JudgingConfig, ModelConfig, RewardConfig, RubricCategory,
+    TopicsConfig, TrackerConfig, TrainingConfig, register, to_config)
 from expertchat.errors import ExpertChatError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -33,6 +38,54 @@ def test_default_config_is_the_embedded_cpu_experiment():
     assert cfg.topics.n >= 8 and cfg.dialogue.turns >= 4
     assert len(cfg.topics.items) >= 24
     assert cfg.dialogue.actor_persona != cfg.dialogue.judge_persona
+
+
+SCHEMA = {"generation": GenerationConfig, "topics": TopicsConfig, "dialogue": DialogueConfig,
+          "training": TrainingConfig, "tracker": TrackerConfig, "judging": JudgingConfig, "reward": RewardConfig,
+          "model": ModelConfig}
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a.b": value}`` for every leaf of a nested dict (an empty dict or list is a leaf)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMA))
+def test_option_files_hold_only_what_they_change(group):
+    """The one-home rule (README, Configuration): every default lives in the schema; an option file writes a key
+    only to change it. A rubric category an option adds is compared with the schema's category defaults."""
+    schema = leaves(asdict(SCHEMA[group]()))
+    new_category = asdict(RubricCategory())  # a category the schema's rubric does not have
+    for name in options(group):
+        values = leaves(yaml.safe_load((CONF / group / f"{name}.yaml").read_text()) or {})
+        for key, value in values.items():
+            assert key in schema or key.startswith("rubric."), f"conf/{group}/{name}.yaml: {key} is not in the schema"
+            default = schema[key] if key in schema else new_category.get(key.rpartition(".")[2])
+            assert value != default, f"conf/{group}/{name}.yaml: {key}: {value!r} restates the schema default"
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_files_hold_only_what_they_change(name):
+    default = leaves(asdict(compose_cfg()))
+    text = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text())
+    for key, value in leaves({k: v for k, v in text.items() if k != "defaults"}).items():
+        assert default.get(key) != value, f"conf/experiment/{name}.yaml: {key}: {value!r} restates the default"
+
+
+def test_the_default_composition_is_the_schema():
+    """What users run by default is what ``JudgingConfig()``, ``TrainingConfig()``, ... say: tests that build the
+    dataclasses by hand check the configuration that ships."""
+    cfg = compose_cfg()
+    assert (cfg.judging, cfg.training, cfg.dialogue, cfg.reward, cfg.tracker) == (
+        JudgingConfig(), TrainingConfig(), DialogueConfig(), RewardConfig(), TrackerConfig())
+    assert cfg.generation == GenerationConfig(temperature=1.1, top_p=0.95, top_k=50)  # conf/generation/high_temp
+    assert (cfg.rounds, cfg.seed, cfg.mode, cfg.topics.n) == (1, 0, "run", 8)
 
 
 @pytest.mark.parametrize("role", ["actor", "judge"])

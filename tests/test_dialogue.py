@@ -66,7 +66,7 @@ def test_same_seed_same_dialogues(smol_tokenizer, tmp_path):
     assert [t["text"] for d in a for t in d.turns] == [t["text"] for d in b for t in d.turns]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_real_dialogue(smollm2, tmp_path):
     """The embedded SmolLM2 holds a real two-turn dialogue in English."""
     pair = {"actor": smollm2, "judge": smollm2}

@@ -8,7 +8,7 @@ import pytest
 
 from expertchat.config import JudgingConfig
 from expertchat.judge_prompts import JudgePrompts
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
 
 @pytest.mark.parametrize("name", ["llama3_8b_instruct", "mixtral_8x7b_instruct"])
@@ -17,7 +17,7 @@ def test_judge_prompts_render_with_the_real_chat_templates(smol_tokenizer, name)
     role): context and answer appear once each, in order, and the instruction follows them."""
     import copy
 
-    path = SHARED_DATA / "chat_templates" / f"{name}.json"
+    path = DATA / "chat_templates" / f"{name}.json"
     if not path.exists():
         pytest.skip(f"{path} not found")
     tok = copy.deepcopy(smol_tokenizer)

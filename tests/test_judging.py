@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from expertchat import scoring
-from expertchat.config import JudgingConfig, ModelConfig, RewardConfig, RubricCategory
+from expertchat.config import JudgingConfig, ModelConfig, ParseConfig, RewardConfig, RubricCategory
 from expertchat.generation import Generated
 from expertchat.judging import Judge, RatingItem
 from expertchat.models import LoadedModel
 from expertchat.scoring import clean_wim, copied_mask, score_distribution
 from tests.conftest import make_tiny_model
+from tests.test_config import compose_cfg
 
 PAIRS = Path(__file__).parent / "data" / "judge_pairs.jsonl"
 ITEMS = [
@@ -224,8 +225,8 @@ def test_parse_mode_takes_the_wim_from_the_rating_reply(smol_tokenizer, fake_gen
 
 
 def test_parse_mode_with_a_real_tiny_model_counts_failures(smol_tokenizer):
-    judge = tiny_judge(smol_tokenizer, mode="parse", rubric=PARSE_RUBRIC, parse_max_new_tokens=4,
-                       parse_strategy="sample")
+    judge = tiny_judge(smol_tokenizer, mode="parse", rubric=PARSE_RUBRIC,
+                       parse=ParseConfig(max_new_tokens=4, strategy="sample"))
     res = judge.rate(ITEMS[:2], wim=False)
     assert judge.counts["parse_failures"] == 4 and all(j.score is None for j in res)
 
@@ -237,13 +238,15 @@ def _binom_p(wins: int, n: int) -> float:
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
 
 
+@pytest.mark.e2e
 def test_default_judge_prefers_good_answers_on_labelled_pairs(smollm2):
     """The key real-model check: the default judge (SmolLM2-135M) prefers the good answer of >= 75% of the
     labelled pairs, off-topic pairs included, far beyond chance. (The naive rubric score: 44%; the default: 90%.)"""
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     assert len(pairs) >= 40 and {p["kind"] for p in pairs} == {"off_topic", "vague", "wrong", "truncated"}
     items = [RatingItem(p["question"], p[k]) for p in pairs for k in ("good", "poor")]
-    res = Judge(smollm2, JudgingConfig()).rate(items, wim=False)
+    judging = compose_cfg().judging  # the configuration users run, as composed from conf/
+    res = Judge(smollm2, judging).rate(items, wim=False)
     wins = [g.score > p.score for g, p in zip(res[0::2], res[1::2])]
     rate = sum(wins) / len(wins)
     off = [w for w, p in zip(wins, pairs) if p["kind"] == "off_topic"]

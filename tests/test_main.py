@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.e2e  # every test here runs the CLI in a subprocess
+
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -62,6 +64,8 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     (["topics.items=[]"], "no topics found in topics.items"),
     (["actor.path=/nonexistent/model", "actor.package=null", "actor.gguf_file=null"],
      "no model folder at /nonexistent/model"),
+    (["training.lora_r=16"], "training.lora_r was renamed to training.lora.r: use training.lora.r=16"),
+    (["judging.parse_max_new_tokens=64"], "judging.parse_max_new_tokens was renamed to judging.parse.max_new_tokens"),
 ])
 def test_bad_input_is_one_line_and_keeps_the_run_folder(tmp_path, args, expected):
     out = tmp_path / "run"
@@ -77,7 +81,7 @@ def test_bad_input_is_one_line_and_keeps_the_run_folder(tmp_path, args, expected
 
 
 def test_missing_field_in_mt_bench_names_the_field(tmp_path):
-    data = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+    data = ROOT / "tests" / "data" / "mt_bench_questions.jsonl"
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={tmp_path}", "topics=jsonl", f"topics.path={data}",
                    "topics.field=question")
     assert proc.returncode == 2

@@ -14,7 +14,7 @@ from expertchat.errors import ExpertChatError
 from expertchat.models import (
     LoadedModel, cache_root, chat_messages, load_model, load_pair, render_prompt, resolve_dtype,
 )
-from tests.conftest import SHARED_DATA, smollm2_config
+from tests.conftest import DATA, smollm2_config
 
 PERSONA = "You are a human expert on volcanoes."
 DIALOGUE = ["What drives a Plinian eruption?", "Gas exsolution in silicic magma.", "And the column?",
@@ -22,7 +22,7 @@ DIALOGUE = ["What drives a Plinian eruption?", "Gas exsolution in silicic magma.
 
 
 def template(name: str) -> dict:
-    path = SHARED_DATA / "chat_templates" / f"{name}.json"
+    path = DATA / "chat_templates" / f"{name}.json"
     if not path.exists():
         pytest.skip(f"{path} not found")
     return json.loads(path.read_text())

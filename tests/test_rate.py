@@ -121,6 +121,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, expected", [
     (["mode=rate"], "rate.input is not set"),
     (["mode=rate", "rate.input=/nonexistent/answers.jsonl"], "rate.input not found: /nonexistent/answers.jsonl"),
@@ -134,6 +135,7 @@ def test_cli_errors_are_one_line(tmp_path, args, expected):
     assert expected in lines[-1] and lines[-1].startswith("expertchat: error:")
 
 
+@pytest.mark.e2e
 def test_cli_rates_mt_bench_answers_with_smollm2(tmp_path, mt_bench):
     """The real command on answers nobody here wrote (MT-Bench reference answers), with the embedded judge."""
     records = [{"id": q["question_id"], "question": q["turns"][0], "answer": q["reference"][0]}

@@ -9,7 +9,7 @@ import pytest
 from expertchat.config import TopicsConfig
 from expertchat.errors import ExpertChatError
 from expertchat.topics import first_sentence, get_field, load_topics
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
 
 def test_builtin_cycles_when_shorter():
@@ -28,7 +28,7 @@ def test_empty_topic_list_is_an_error():
 
 
 def test_mt_bench_questions_with_turns_0():
-    path = SHARED_DATA / "mt_bench_questions.jsonl"
+    path = DATA / "mt_bench_questions.jsonl"
     topics = load_topics(TopicsConfig(source="jsonl", path=str(path), field="turns[0]"), 80)
     first = json.loads(path.read_text().splitlines()[0])["turns"][0]
     assert topics[0] == first.strip() and len(set(topics)) == 80

@@ -80,7 +80,7 @@ def main() -> None:
     n = len(items)
     expected_cfg = preset("default")
     parse_cfg = preset("parse")
-    parse_cfg.parse_max_new_tokens = args.parse_new_tokens
+    parse_cfg.parse.max_new_tokens = args.parse_new_tokens
     parse_cfg.batch_size = args.parse_batch_size
     Judge(lm, expected_cfg).rate(items[:2], wim=True)  # warm-up (first-call allocations)
 
