@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from expertchat.config import register, renamed, to_config
 from expertchat.errors import ExpertChatError, first_line
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel install has it too
 log = logging.getLogger("expertchat")
 
 for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -52,10 +52,6 @@ def preflight(overrides: list[str]) -> None:
 
     from omegaconf import open_dict
 
-    for override in overrides:
-        key = override.partition("=")[0]
-        if renamed(key):
-            fail(f"{key.lstrip('+~')} was renamed to {renamed(key)}: use {renamed(key)}={override.partition('=')[2]}")
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -71,16 +67,26 @@ def preflight(overrides: list[str]) -> None:
         fail(f"unknown option '{option}' for config group '{group}'" + (f" (choose from: {options})" if options
                                                                       else f": no file conf/{missing}.yaml"))
     except Exception as exc:  # noqa: BLE001 - hydra/omegaconf raise many types; report them as one line
-        cause = exc.__cause__ or exc
+        cause = exc.__cause__ or exc.__context__ or exc  # Hydra chains the config error as the context
         first = first_line(cause) or type(cause).__name__
         key = getattr(cause, "full_key", None)
         if key and renamed(key):
-            fail(f"{key} was renamed to {renamed(key)}")
+            fail(f"{key} was renamed to {renamed(key)} (in a config file or override)")
         fail(f"{first}" + (f" (key: {key})" if key and key not in first else ""))
+
+
+def check_renamed(args: list[str]) -> None:
+    """A command-line override (also in a multirun sweep) of a key that moved: one line naming its new place."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if renamed(key):
+            fail(f"{key.lstrip('+~')} was renamed to {renamed(key)}: use {renamed(key)}={value}")
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        check_renamed(args)
     if not any(a.startswith("-") for a in args) and os.environ.get("HYDRA_FULL_ERROR") != "1":
         preflight(args)
     app()

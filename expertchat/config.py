@@ -267,20 +267,26 @@ class ExpertChatConfig:
     mode: str = "run"  # run: the dialogue -> rate -> train loop | rate: rate a JSONL file (rate.input)
     rounds: int = 1
     seed: int = 0
-    run_dir: str = "."  # set to the Hydra job's output folder by conf/config.yaml
+    run_dir: Optional[str] = "."  # the Hydra job's output folder (conf/config.yaml); null under --cfg, where no job runs
     progress: bool = True  # progress bars
+    resume: str = "auto"  # rerun into a run folder: auto (refuse a changed config) | force (go on, recorded)
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, "mode", f"is '{self.mode}'; use one of {', '.join(MODES)}")
         check(self.mode != "rate" or bool(self.rate.input), "rate.input",
                "is not set: mode=rate needs rate.input=FILE.jsonl")
         check(self.rounds > 0, "rounds", "must be > 0")
+        check(self.resume in {"auto", "force"}, "resume", f"is '{self.resume}'; use auto or force")
         check(self.reward.zeta == 0 or self.judging.wim, "judging.wim",
                f"is false but reward.zeta is {self.reward.zeta}: the WIM part of the reward needs the critique; set "
                f"judging.wim=true or reward=rating_only")
 
 
-MODES = ("run", "rate")  # each one's module: expertchat/modes.py
+MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate"}  # mode -> its module (run by expertchat/modes.py)
+
+# Keys that may differ when a run is resumed into its folder: they change how it shows or how far it goes, not its
+# results (``rounds``: more rounds extend a finished run). Any other difference stops the rerun (resume=auto).
+RESUME_HARMLESS = ("progress", "resume", "run_dir", "rounds", "tracker")
 
 # Keys that moved, old -> new: an override or file that uses the old name stops with one line naming the new one.
 RENAMED = {

@@ -92,7 +92,7 @@ def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], 
         d.turns.append(record)
         store.append(TURNS_FILE, record)
     new = sum(o.new_tokens for o in outputs)
-    log.info("round %d turn %d (%s): %d tokens in %.1fs (%.0f tok/s)", round_idx, turn, lm.name, new,
+    log.debug("round %d turn %d (%s): %d tokens in %.1fs (%.0f tok/s)", round_idx, turn, lm.name, new,
              seconds, new / max(seconds, 1e-9))
 
 

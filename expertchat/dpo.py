@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 from expertchat.config import TrainingConfig
+from expertchat.console import open_progress
 from expertchat.errors import ExpertChatError, first_line
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
@@ -214,8 +215,33 @@ class MetricsCallback(TrainerCallback):
                              step=self.step_offset + state.global_step)
 
 
+class StepProgress(TrainerCallback):
+    """The training progress of one role: a bar (or log lines without a terminal) over the optimizer steps, with
+    the step's loss, mean reward of the samples and fraction of masked pairs beside it. It replaces TRL's own
+    bar, which prints every step's whole log dict."""
+
+    def __init__(self, desc: str, enabled: bool) -> None:
+        self.desc, self.enabled = desc, enabled
+        self.bar: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = open_progress(state.max_steps, self.enabled, self.desc, unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # every step (logging_steps=1)
+        logs = logs or {}
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", reward=f"{logs.get('objective/scores', math.nan):.3f}",
+                                 masked=f"{1 - logs.get('pairs/kept', 1.0):.0%}")
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def online_dpo_args(cfg: TrainingConfig, output_dir: str, budget: int, seed: int, model: torch.nn.Module,
-                    progress: bool, amp: torch.dtype | None = None) -> OnlineDPOConfig:
+                    amp: torch.dtype | None = None) -> OnlineDPOConfig:
     """TRL's arguments for one role's training: ``training.*``, prompts of at most ``budget`` tokens, no
     checkpoints (``output_dir`` is scratch), logs every step, mixed precision only on a GPU (``amp``: the
     autocast dtype, default the model's)."""
@@ -234,5 +260,5 @@ def online_dpo_args(cfg: TrainingConfig, output_dir: str, budget: int, seed: int
         gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is True: both names, no warning
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not cuda, seed=seed,
-        disable_tqdm=not progress, dataloader_num_workers=0,
+        disable_tqdm=True, dataloader_num_workers=0,  # StepProgress shows the steps
     )

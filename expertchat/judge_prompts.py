@@ -50,7 +50,7 @@ class JudgePrompts:
         middle, rest = rest.split(_SPLIT[1])
         after, self.tail = rest.split(_SPLIT[2])
         self.head_ids, self.middle_ids, self.after_ids = (self._ids(head), self._ids(middle), self._ids(after))
-        names = list(cfg.rubric)
+        names = list(cfg.active())
         self.rating_suffixes = {  # (category, phrasing) -> suffix ids
             (name, j): self._ids(ins.format(category=name.replace("_", " "),
                                             description=cfg.rubric[name].description) + self.tail

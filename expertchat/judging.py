@@ -140,7 +140,7 @@ class Judge:
 
     # --------------------------------------------------------------------------------------- internals
     def _needs(self) -> tuple[bool, bool]:
-        signals = {c.signal for c in self.cfg.rubric.values()}
+        signals = {c.signal for c in self.cfg.active().values()}
         rubric = self.cfg.mode == "expected" and bool(signals & {"rubric", "blend"})
         likelihood = bool(signals & {"likelihood", "blend"})
         return rubric, likelihood
@@ -268,7 +268,7 @@ class Judge:
         p = cfg.parse
         gen = GenerationConfig(strategy=p.strategy, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                                top_k=p.top_k, penalty_alpha=p.penalty_alpha, batch_size=cfg.batch_size)
-        names = list(cfg.rubric)
+        names = list(cfg.active())
         prompts = [self.prompts.parse_prompt(it.context, it.answer, name) for it in items for name in names]
         start = time.perf_counter()
         texts = [g.text for g in generate(self.lm.model, self.lm.tokenizer, prompts, gen,
@@ -311,7 +311,7 @@ class Judge:
         cfg = self.cfg
         cats: dict[str, CategoryScore] = {}
         failed = neutral = False
-        for name, cat in cfg.rubric.items():
+        for name, cat in cfg.active().items():
             like = None
             if cat.signal in {"likelihood", "blend"}:
                 like = likelihood_score(raw["pmi"], cfg, raw["answer_tokens"])
@@ -360,7 +360,7 @@ class Judge:
         """An empty turn: the lowest score in every category, no critique; counted."""
         self.counts["empty_answers"] += 1
         cats = {name: CategoryScore(score=1.0, signal=cat.signal, status="empty_answer")
-                for name, cat in self.cfg.rubric.items()}
+                for name, cat in self.cfg.active().items()}
         return Judgement(categories=cats, score=1.0, status="empty_answer",
                          wim="" if wim else None, wim_empty=wim, wim_status="empty" if wim else "none")
 

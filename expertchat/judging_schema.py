@@ -26,12 +26,14 @@ class RubricCategory:
 
 def _default_rubric() -> dict[str, RubricCategory]:
     # The default for small judges (measured in experiments/judge_sanity): a 135M judge's rubric score cannot
-    # tell a good answer from a poor one (44% of labelled pairs), its likelihood can (90%).
+    # tell a good answer from a poor one (44% of labelled pairs), its likelihood can (90%). Depth has no signal of
+    # its own such a judge can give: its likelihood is the same number as knowledge's (the PMI does not read the
+    # category), and its rubric score is chance; so it weighs 0 here (not computed) and 1 for large judges.
     return {
         "knowledge": RubricCategory("Is the response correct, relevant to what was asked, and does it show "
                                     "real knowledge of the topic?", 1.0, "likelihood"),
         "depth": RubricCategory("Does the response go into specific, concrete detail rather than generalities?",
-                                1.0, "likelihood"),
+                                0.0, "rubric"),
         "human_expert_likeness": RubricCategory("Does the response read like a human expert talking, not an AI?",
                                                 1.0, "rubric"),
     }
@@ -109,6 +111,20 @@ class JudgingConfig:
     max_context_tokens: int = 384  # longer contexts keep their end
     max_answer_tokens: int = 384  # longer answers keep their start
     batch_size: int = 16  # rated turns per forward pass (fewer where the likelihood's logits would not fit)
+
+    def active(self) -> dict[str, RubricCategory]:
+        """The categories that count: weight > 0 (a category of weight 0 is neither computed nor recorded)."""
+        return {name: cat for name, cat in self.rubric.items() if cat.weight > 0}
+
+    def same_signal_warning(self) -> str | None:
+        """A warning when two weighted categories would always score the same: every ``likelihood`` category
+        reads one PMI of the turn with its context, whatever the category asks; ``None`` otherwise."""
+        names = [name for name, cat in self.active().items() if cat.signal == "likelihood"]
+        if len(names) < 2:
+            return None
+        share = sum(self.rubric[n].weight for n in names) / sum(c.weight for c in self.active().values())
+        return (f"judging.rubric: {' and '.join(names)} all read the likelihood signal, so they always score the "
+                f"same and together weigh {share:.0%} of the score; give one a rubric signal or weight 0")
 
     def __post_init__(self) -> None:
         check(self.mode in {"expected", "parse"}, "judging.mode", f"is '{self.mode}'; use expected or parse")

@@ -55,6 +55,16 @@ def looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or os.path.exists(path)
 
 
+def require(module: str, extra: str, why: str) -> None:
+    """Check that an optional dependency is installed.
+
+    Raises:
+        ExpertChatError: naming what needs it and the extra that installs it (``pip install 'expertchat[gpu]'``).
+    """
+    if importlib.util.find_spec(module) is None:
+        raise ExpertChatError(f"{why} needs the '{module}' package: pip install 'expertchat[{extra}]'")
+
+
 def is_quantized(model: Any) -> bool:
     """Whether ``model`` was loaded quantized by bitsandbytes (4-bit or 8-bit): its weights cannot be trained in
     place, only adapters on top of them (QLoRA)."""
@@ -189,6 +199,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
+        require("bitsandbytes", "gpu", f"{cfg.name}.load_in_4bit=true")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

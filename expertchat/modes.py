@@ -1,23 +1,32 @@
 """``mode=...``: which module runs the job, inside one tracker that is finished in every case.
 
-Each mode is a module with ``run(cfg, tracker) -> summary``: ``run`` is the dialogue -> rating -> training loop
-(``pipeline.py``), ``rate`` rates answers from a file (``rate.py``). A new mode is one more line of
-:data:`MODES` (and its value in ``config.MODES``).
+Each mode is a module with ``run(cfg, tracker) -> summary`` and ``check(cfg)``, which validates its input before
+the tracker opens: ``run`` is the dialogue -> rating -> training loop (``pipeline.py``), ``rate`` rates answers
+from a file (``rate.py``). A new mode is one more entry of ``config.MODES``.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from expertchat import tracking
-from expertchat.config import MODES as MODE_NAMES
-from expertchat.config import ExpertChatConfig
+from expertchat import console, tracking
+from expertchat.config import MODES, ExpertChatConfig
 
-MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate"}
-assert set(MODES) == set(MODE_NAMES), "config.MODES and modes.MODES must name the same modes"
+log = logging.getLogger(__name__)
+
+
+def _choices() -> dict[str, str]:
+    """Hydra's group -> option choices of this job (empty outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v and not k.startswith("hydra/")}
+    except ValueError:  # not inside a Hydra job (tests, scripts)
+        return {}
 
 
 def run(cfg: ExpertChatConfig) -> dict[str, Any]:
@@ -28,6 +37,12 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
         The mode's summary.
     """
     module = importlib.import_module(MODES[cfg.mode])
+    module.check(cfg)  # bad input stops here, before a tracker run exists
+    console.quiet_libraries(cfg.progress)
+    for line in console.config_lines(cfg, _choices()):
+        log.info("%s", line)
+    if cfg.judging.same_signal_warning():
+        log.warning("%s", cfg.judging.same_signal_warning())
     tracker = tracking.make_tracker(cfg.tracker, cfg.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
     try:
         summary = module.run(cfg, tracker)

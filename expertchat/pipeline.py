@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -19,7 +20,8 @@ from omegaconf import OmegaConf
 
 from expertchat import dialogue, rating, rewards, topics, training
 from expertchat.adapters import Policies
-from expertchat.config import ExpertChatConfig
+from expertchat.config import RESUME_HARMLESS, ExpertChatConfig
+from expertchat.console import summary_lines
 from expertchat.models import load_pair
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
@@ -48,6 +50,23 @@ class Run:
         return self.topics[round_idx * n:(round_idx + 1) * n]
 
 
+def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list]]:
+    """What can be checked before any model loads or anything is written: the topics (when they can be read
+    without the actor) and, in a folder an earlier run used, that the config did not change (``resume``).
+
+    Returns:
+        (the topics read, or None; the config differences that ``resume=force`` lets through).
+
+    Raises:
+        ExpertChatError: bad topic input, or a changed config under ``resume=auto``.
+    """
+    store = RunStore(cfg.run_dir)
+    early = topics.read_before_models(cfg.topics, store, cfg.topics.n * cfg.rounds, seed=cfg.seed)
+    forced = store.check_resume(OmegaConf.to_container(OmegaConf.structured(cfg)), RESUME_HARMLESS,
+                                force=cfg.resume == "force")
+    return early, forced
+
+
 def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]:
     """Run the experiment described by ``cfg`` in ``cfg.run_dir``; return the last round's stage summaries.
 
@@ -55,13 +74,17 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
         ExpertChatError: bad input (before anything is written) or a stage that failed (earlier stages' files
             and markers are kept).
     """
+    start = time.perf_counter()
     store = RunStore(cfg.run_dir)
-    count = cfg.topics.n * cfg.rounds
-    early = topics.read_before_models(cfg.topics, store, count, seed=cfg.seed)  # bad input fails before any write
+    early, forced = check(cfg)
+    store.record_config(OmegaConf.to_container(OmegaConf.structured(cfg)), forced)
+    if all(store.done(r, s.name) for r in range(cfg.rounds) for s in STAGES):
+        log.info("nothing left to do: all %d round(s) of %s are complete", cfg.rounds, store.root)
+        summary = {s.name: store.stage_summary(cfg.rounds - 1, s.name) for s in STAGES}
+        _log_lines(summary_lines(store.root, cfg.rounds, summary, None))
+        return summary
     actor, judge = load_pair(cfg.actor, cfg.judge)
-    if not store.path("config.yaml").exists():
-        store.write_text("config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    run_topics = topics.run_topics(cfg.topics, store, count, early, model=actor, generation=cfg.generation,
+    run_topics = topics.run_topics(cfg.topics, store, cfg.topics.n * cfg.rounds, early, model=actor, generation=cfg.generation,
                                    seed=cfg.seed)
     # Each role's policy: a LoRA adapter per role (one base + two adapters when both roles share the weights).
     # From here on every stage sees the models through these views; a resumed run reloads the last adapters.
@@ -75,7 +98,13 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
         for s in STAGES:
             summary[s.name] = run_stage(ctx, r, s)
         training.write_rewards_by_round(store, cfg.rounds)
+    _log_lines(summary_lines(store.root, cfg.rounds, summary, time.perf_counter() - start))
     return summary
+
+
+def _log_lines(lines: list[str]) -> None:
+    for line in lines:
+        log.info("%s", line)
 
 
 # ------------------------------------------------------------------------------------------------ the stages

@@ -159,6 +159,23 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def check(cfg: ExpertChatConfig) -> tuple[list[RatingItem], list[dict]]:
+    """The input's records, read before any model loads or a tracker opens: (good items, bad records).
+
+    Raises:
+        ExpertChatError: the run folder holds a dialogue run, the input is missing, or it has no good record.
+    """
+    store = RunStore(cfg.run_dir)
+    if store.path(RATINGS_FILE).exists() and not store.path(SUMMARY_FILE).exists():
+        raise ExpertChatError(f"{store.path(RATINGS_FILE)} holds the ratings of a dialogue run; rate into another "
+                              f"folder (hydra.run.dir=...)")
+    items, bad = read_records(cfg.rate.input or "", cfg.rate, cfg.judging.context_turns)
+    if not items:
+        first = f" (line {bad[0]['line']}: {bad[0]['reason']})" if bad else ""
+        raise ExpertChatError(f"no record to rate in {cfg.rate.input}: {len(bad)} bad records{first}")
+    return items, bad
+
+
 def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]:
     """Rate ``cfg.rate.input`` with ``cfg.judge`` and write ``ratings.jsonl`` and ``rate_summary.json``; the
     summary's means also go to ``tracker`` (as ``rate/<name>`` at step 0, and the run's summary).
@@ -169,16 +186,11 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
     from expertchat.models import load_model
     from expertchat.rewards import load_embedder, rewards, wants_wim
 
+    tracker = tracker or Tracker()
     store = RunStore(cfg.run_dir)
-    if store.path(RATINGS_FILE).exists() and not store.path(SUMMARY_FILE).exists():
-        raise ExpertChatError(f"{store.path(RATINGS_FILE)} holds the ratings of a dialogue run; rate into another "
-                              f"folder (hydra.run.dir=...)")
-    items, bad = read_records(cfg.rate.input or "", cfg.rate, cfg.judging.context_turns)
+    items, bad = check(cfg)
     for b in bad[:20]:
         log.warning("%s:%d: %s (counted as a bad record)", cfg.rate.input, b["line"], b["reason"])
-    if not items:
-        first = f" (line {bad[0]['line']}: {bad[0]['reason']})" if bad else ""
-        raise ExpertChatError(f"no record to rate in {cfg.rate.input}: {len(bad)} bad records{first}")
     lm = load_model(cfg.judge)
     judge = Judge(lm, cfg.judging)
     start = time.perf_counter()
@@ -188,15 +200,14 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
                     load_embedder(cfg.reward.embedder) if use_wim else None)
     rows = [rating_record(it, j, p, cfg.judging.mode, rater_model=lm.name) for it, j, p in zip(items, judgements, parts)]
     store.write_text(RATINGS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    summary = summarize(rows, bad, list(cfg.judging.rubric), cfg.rate, cfg.seed, judge.counts)
+    summary = summarize(rows, bad, list(cfg.judging.active()), cfg.rate, cfg.seed, judge.counts)
     summary.update(input=str(cfg.rate.input), judge=lm.name, mode=cfg.judging.mode, zeta=cfg.reward.zeta,
                    seconds=round(time.perf_counter() - start, 2))
     store.write_json(SUMMARY_FILE, summary)
-    if tracker is not None:
-        means = {"score": summary["score"], "reward": summary["reward"], "similarity": summary["similarity"],
-                 **{f"category_{n}": m for n, m in summary["categories"].items()}}
-        tracker.log({f"rate/{name}": m["mean"] for name, m in means.items() if m["mean"] is not None}, step=0)
-        tracker.log_summary({"rate": summary})
+    means = {"score": summary["score"], "reward": summary["reward"], "similarity": summary["similarity"],
+             **{f"category_{n}": m for n, m in summary["categories"].items()}}
+    tracker.log({f"rate/{name}": m["mean"] for name, m in means.items() if m["mean"] is not None}, step=0)
+    tracker.log_summary({"rate": summary})
     text = format_summary(summary)
     print(text)
     log.info("wrote %s and %s to %s", RATINGS_FILE, SUMMARY_FILE, store.root)

@@ -106,10 +106,8 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: Di
                    for it, j, p in zip(items, judgements, parts)]
         for rec in records:
             store.append(RATINGS_FILE, rec)
-        s = summarize(records, list(judging.rubric))
+        s = summarize(records, list(judging.active()))
         s.update(rater=rater, rater_model=models[rater].name, ratee_model=models[ratee].name,
                  seconds=round(seconds, 2))
         summary["models"][ratee] = s
-        log.info("round %d: %s (%s) rated by %s: score %s, reward %s, %s/%s scored, %.1fs", round_idx, ratee,
-                 models[ratee].name, rater, s["score_mean"], s["reward_mean"], s["scored"], s["rated"], seconds)
     return summary

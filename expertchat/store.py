@@ -17,6 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from expertchat.errors import ExpertChatError
+
+
+CONFIG_FILE = "config.yaml"  # the resolved config of the last run into the folder
+RESUMES_FILE = "resumes.jsonl"  # forced resumes with a changed config (resume=force)
+
 
 class RunStore:
     """Reads and writes one run folder."""
@@ -68,6 +74,47 @@ class RunStore:
     def read_json(self, name: str) -> Any:
         return json.loads(self.path(name).read_text(encoding="utf-8"))
 
+    # ------------------------------------------------------------------------------------------------ config
+    def check_resume(self, config: dict[str, Any], harmless: tuple[str, ...], force: bool) -> dict[str, list]:
+        """Compare the resolved ``config`` with the one recorded in ``config.yaml`` by an earlier run into this
+        folder (nothing to compare on a first run); writes nothing.
+
+        Keys under ``harmless`` may differ. Any other difference raises, unless ``force``.
+
+        Returns:
+            ``{key: [before, now]}`` for each difference that ``force`` lets through (see :meth:`record_config`).
+
+        Raises:
+            ExpertChatError: the config changed in a key that changes results, naming the keys and the two
+                ways on (a new folder, or ``resume=force``).
+        """
+        import yaml
+
+        path = self.path(CONFIG_FILE)
+        changed: list[str] = []
+        if path.exists():
+            before = _leaves(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+            now = _leaves(config)
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
+                             and not any(k == h or k.startswith(h + ".") for h in harmless))
+            if changed and not force:
+                shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed[:6])
+                more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+                raise ExpertChatError(
+                    f"{self.root} holds a run with another config: {shown}{more}; run into a new folder "
+                    f"(hydra.run.dir=...) or pass resume=force to go on in this one (recorded in {RESUMES_FILE})")
+            return {k: [before.get(k), now.get(k)] for k in changed}
+        return {}
+
+    def record_config(self, config: dict[str, Any], forced: dict[str, list]) -> None:
+        """Write ``config`` to ``config.yaml``; append the differences a forced resume let through to
+        ``resumes.jsonl``, so the folder says that it mixes two configs."""
+        import yaml
+
+        if forced:
+            self.append(RESUMES_FILE, {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "forced": True, "changed": forced})
+        self.write_text(CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
     # -------------------------------------------------------------------------------------------- stages
     def _marker(self, round_idx: int, stage: str) -> Path:
         return self.path(f"stages/round_{round_idx}.{stage}.json")
@@ -107,6 +154,16 @@ class RunStore:
 
     def stage_summary(self, round_idx: int, stage: str) -> dict[str, Any]:
         return json.loads(self._marker(round_idx, stage).read_text(encoding="utf-8"))
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of nested dicts."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}."))
+    return out
 
 
 def peak_memory() -> dict[str, float]:

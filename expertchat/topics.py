@@ -72,7 +72,7 @@ def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] 
         more = load_topics(cfg, count, model=model, generation=generation, seed=seed)
         topics += more[len(topics):]
         store.write_json(TOPICS_FILE, topics)
-        log.info("%s extended to %d topics", TOPICS_FILE, len(topics))
+        log.info("%s extended to %d topics (%d dialogues in all)", TOPICS_FILE, len(topics), count)
     return topics
 
 

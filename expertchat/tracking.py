@@ -44,6 +44,9 @@ class WandbTracker(Tracker):
     """One W&B run per job, offline by default, under the run folder."""
 
     def __init__(self, cfg: TrackerConfig, run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
+        from expertchat.models import require
+
+        require("wandb", "wandb", "tracker=wandb")
         import wandb
 
         root = Path(run_dir)

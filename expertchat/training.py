@@ -182,7 +182,6 @@ def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Di
               "seconds_per_step": round(seconds / max(steps, 1), 2), **reward.summary(),
               "judge": policies.describe(partner(role), "judge"), "reference": policies.describe(role, "reference"),
               "saved": saved}
-    log.info("round %d training %s: %s", round_idx, role, result)
     return result
 
 
@@ -207,10 +206,11 @@ def _make_trainer(policies: Policies, round_idx: int, role: str, rows: list[dict
         model, ref = policies.policy(role)
         trainer = dpo.MaskedOnlineDPOTrainer(
             model=model, ref_model=ref, paired_reward=reward,
-            args=dpo.online_dpo_args(cfg, output_dir, budget, seed, model, progress, amp=policies.amp(role)),
+            args=dpo.online_dpo_args(cfg, output_dir, budget, seed, model, amp=policies.amp(role)),
             train_dataset=Dataset.from_list(rows), processing_class=lm.tokenizer,
             callbacks=[dpo.MetricsCallback(store, tracker, round_idx, role, step_offset=round_idx * cfg.steps,
-                                           path=TRAIN_METRICS_FILE)],
+                                           path=TRAIN_METRICS_FILE),
+                       dpo.StepProgress(f"round {round_idx} training {role}", progress)],
         )
     except ExpertChatError:
         raise

@@ -16,7 +16,7 @@ from expertchat.config import (
     TopicsConfig, TrackerConfig, TrainingConfig, register, to_config)
 from expertchat.errors import ExpertChatError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "expertchat" / "conf"
 register()
 
 
@@ -84,7 +84,7 @@ def test_the_default_composition_is_the_schema():
     cfg = compose_cfg()
     assert (cfg.judging, cfg.training, cfg.dialogue, cfg.reward, cfg.tracker) == (
         JudgingConfig(), TrainingConfig(), DialogueConfig(), RewardConfig(), TrackerConfig())
-    assert cfg.generation == GenerationConfig(temperature=1.1, top_p=0.95, top_k=50)  # conf/generation/high_temp
+    assert cfg.generation == GenerationConfig(**yaml.safe_load((CONF / "generation" / "high_temp.yaml").read_text()))
     assert (cfg.rounds, cfg.seed, cfg.mode, cfg.topics.n) == (1, 0, "run", 8)
 
 

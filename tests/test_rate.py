@@ -84,11 +84,11 @@ def test_rate_mode_writes_rows_and_summary(tmp_path, smol_tokenizer, monkeypatch
     summary = rate.run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "ratings.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 6, 7] and all(1 <= r["score"] <= 10 for r in rows)
-    assert all(set(r["categories"]) == set(cfg.judging.rubric) and -1 <= r["reward"] <= 1 for r in rows)
+    assert all(set(r["categories"]) == set(cfg.judging.active()) and -1 <= r["reward"] <= 1 for r in rows)
     saved = json.loads((tmp_path / "run" / rate.SUMMARY_FILE).read_text())
     assert saved["rated"] == 3 and saved["bad_records"] == 6 and saved["records"] == 9
     assert [b["line"] for b in saved["bad"]] == [3, 4, 5, 7, 9, 10]
-    for cat in cfg.judging.rubric:
+    for cat in cfg.judging.active():
         m = saved["categories"][cat]
         assert m["n"] == 3 and m["ci95"][0] <= m["mean"] <= m["ci95"][1]
     assert summary["score"]["mean"] == saved["score"]["mean"]

@@ -42,6 +42,6 @@ def test_rating_stage_writes_one_record_per_turn(smol_tokenizer, tmp_path, monke
     empty = [r for r in rows if r["turn"] == 2]
     assert len(empty) == 2 and all(r["status"] == "empty_answer" and r["similarity"] == 0.0 for r in empty)
     first = next(r for r in rows if r["turn"] == 0)
-    assert first["rater_model"] == "tiny_j" and set(first["categories"]) == set(cfg.rubric)
+    assert first["rater_model"] == "tiny_j" and set(first["categories"]) == set(cfg.active())
     s = summary["models"]["actor"]
     assert s["rated"] == 4 and s["empty_answers"] == 2 and s["rater"] == "judge" and s["score_mean"] is not None

@@ -99,7 +99,7 @@ def main() -> None:
 
     import yaml
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "expertchat" / "conf"
     sampling = yaml.safe_load((conf / "generation" / "high_temp.yaml").read_text())
     gen = GenerationConfig(**{**sampling, "max_new_tokens": args.new_tokens})
     cfg = DialogueConfig(turns=args.turns)

@@ -40,7 +40,7 @@ from expertchat.models import load_model  # noqa: E402
 def preset(name: str) -> JudgingConfig:
     """A ``conf/judging`` preset merged onto the schema, as Hydra composes it."""
     merged = OmegaConf.merge(OmegaConf.structured(JudgingConfig),
-                             OmegaConf.load(ROOT / "conf" / "judging" / f"{name}.yaml"))
+                             OmegaConf.load(ROOT / "expertchat" / "conf" / "judging" / f"{name}.yaml"))
     return OmegaConf.to_object(merged)
 
 
