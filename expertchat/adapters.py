@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ import torch
 from expertchat.config import TrainingConfig
 from expertchat.dialogue import ROLES
 from expertchat.errors import ExpertChatError
-from expertchat.models import LoadedModel, is_quantized
+from expertchat.models import LoadedModel, base_name, is_quantized
 from expertchat.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -365,8 +366,10 @@ class Policies:
         self._trained.add(role)
 
     # ---- saving and loading
-    def save(self, store: RunStore, round_idx: int, role: str) -> str:
-        """Save ``role``'s policy to ``adapters/round_<r>/<role>/`` (a PEFT adapter, or full weights)."""
+    def save(self, store: RunStore, round_idx: int, role: str, card: str = "") -> str:
+        """Save ``role``'s policy to ``adapters/round_<r>/<role>/`` (a PEFT adapter, or full weights) with a model
+        card (``README.md``, the text ``card``). A LoRA adapter names its base by :func:`models.base_name` (hub id or
+        the path the user gave), so ``PeftModel.from_pretrained(base, folder)`` works on another machine."""
         folder = store.path(adapter_dir(round_idx, role))
         lm = self.base[role]
         if self.cfg.method == "full":
@@ -374,6 +377,11 @@ class Policies:
             lm.tokenizer.save_pretrained(folder)
         else:  # PEFT puts a non-default adapter in a sub-folder named after it: adapters/round_<r>/<role>/
             self._peft[id(lm.model)].save_pretrained(str(folder.parent), selected_adapters=[role])
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base_name(lm.cfg)
+            store.write_json(f"{adapter_dir(round_idx, role)}/adapter_config.json", config)
+        if card:
+            store.write_text(f"{adapter_dir(round_idx, role)}/README.md", card)
         return adapter_dir(round_idx, role)
 
     def load(self, store: RunStore, round_idx: int, role: str) -> None:

@@ -34,6 +34,7 @@ class ModelConfig:
     chat_template: Optional[str] = None  # override the tokenizer's chat template
     max_length: int = 2048  # longest prompt fed to the model; longer dialogues are cut from the left
     trust_remote_code: bool = False
+    hub_id: Optional[str] = None  # the hub id saved adapters name as their base (default: path, as given)
 
     def __post_init__(self) -> None:
         check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "dtype", f"is '{self.dtype}'; "

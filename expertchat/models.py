@@ -50,6 +50,12 @@ def stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+def base_name(cfg: ModelConfig) -> str:
+    """How a saved adapter names its base model: ``hub_id``, else the path as the user gave it, else the name
+    (never a cache path that exists only on the machine that trained it)."""
+    return cfg.hub_id or cfg.path or cfg.name
+
+
 def looks_local(path: str) -> bool:
     """Whether a model path names a local folder (absolute, relative, ``~``, or existing) rather than a hub id."""
     return path.startswith(("/", ".", "~")) or os.path.exists(path)

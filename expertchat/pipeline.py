@@ -128,8 +128,10 @@ def training_stage(run: Run, r: int) -> dict[str, Any]:
     """Online DPO of each model, its partner (frozen at round start) judging -> ``adapters/round_<r>/<role>/``."""
     cfg = run.cfg
     reward_for = run.reward_for() if cfg.training.steps > 0 else None
+    about = {"reward": f"(1 - zeta) (score - 5) / 5 + zeta cos(turn, WIM), zeta {cfg.reward.zeta}, judging "
+                       f"{', '.join(f'{n} {c.signal}' for n, c in cfg.judging.active().items())}"}
     return training.train_round(run.policies, r, dialogue.load_dialogues(run.store, r), reward_for, cfg.dialogue,
-                                run.store, run.tracker, seed=cfg.seed, progress=cfg.progress)
+                                run.store, run.tracker, seed=cfg.seed, progress=cfg.progress, about=about)
 
 
 class Stage(NamedTuple):

@@ -38,7 +38,7 @@ from expertchat.adapters import Policies, partner, quiet
 from expertchat.config import DialogueConfig
 from expertchat.dialogue import ROLES, Dialogue, context
 from expertchat.errors import ExpertChatError, first_line
-from expertchat.models import LoadedModel, chat_messages, is_quantized
+from expertchat.models import LoadedModel, base_name, chat_messages, is_quantized
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
 
@@ -118,10 +118,11 @@ def build_prompts(dialogues: list[Dialogue], role: str, lm: LoadedModel, cfg: Di
 
 def train_round(policies: Policies, round_idx: int, dialogues: list[Dialogue], reward_for: RewardFactory,
                 dialogue_cfg: DialogueConfig, store: RunStore, tracker: Tracker | None = None, *,
-                seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                seed: int = 0, progress: bool = False, about: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train each model of the round (actor, then judge unless ``bidirectional=false``) for
     ``training.steps`` online DPO steps on the round's dialogue contexts, the partner (as it was at the
-    start of the stage) judging; save each policy to ``adapters/round_<r>/<role>/``.
+    start of the stage) judging; save each policy to ``adapters/round_<r>/<role>/``, with a model card that
+    also gives ``about``'s facts (e.g. ``{"reward": "zeta 0.4, ..."}``).
 
     Returns the stage summary: per role prompts, steps, seconds, pair counts, mean rewards.
 
@@ -143,7 +144,7 @@ def train_round(policies: Policies, round_idx: int, dialogues: list[Dialogue], r
     with policies.round_start():
         for role in roles:
             summary["roles"][role] = _train_one(policies, round_idx, role, dialogues, reward_for, dialogue_cfg,
-                                                store, tracker, seed=seed, progress=progress)
+                                                store, tracker, seed=seed, progress=progress, about=about or {})
     if tracker is not None:
         tracker.log({f"rounds/{role}_reward_mean": s["reward_mean"] for role, s in summary["roles"].items()
                      if s.get("reward_mean") is not None}, step=round_idx)
@@ -152,7 +153,7 @@ def train_round(policies: Policies, round_idx: int, dialogues: list[Dialogue], r
 
 def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Dialogue],
                reward_for: RewardFactory, dialogue_cfg: DialogueConfig, store: RunStore, tracker: Tracker | None,
-               *, seed: int, progress: bool) -> dict[str, Any]:
+               *, seed: int, progress: bool, about: dict[str, Any]) -> dict[str, Any]:
     """Train ``role`` for one round and save its policy; returns its part of the stage summary."""
     cfg = policies.cfg
     lm = policies.base[role]
@@ -177,11 +178,17 @@ def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Di
     del trainer
     _release_memory()
     policies.mark_trained(role)
-    saved = policies.save(store, round_idx, role)
     result = {"prompts": len(rows), "steps": steps, "seconds": round(seconds, 2),
               "seconds_per_step": round(seconds / max(steps, 1), 2), **reward.summary(),
-              "judge": policies.describe(partner(role), "judge"), "reference": policies.describe(role, "reference"),
-              "saved": saved}
+              "judge": policies.describe(partner(role), "judge"), "reference": policies.describe(role, "reference")}
+    card = {"role": role, "round": round_idx, "judge": f"{policies.base[partner(role)].name}: {result['judge']}",
+            "reference": result["reference"], "reward": about.get("reward", "?"), "steps": steps,
+            "learning rate": cfg.learning_rate, "beta": cfg.beta, "loss": cfg.loss_type,
+            "LoRA": f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, {list(cfg.lora.target_modules)}",
+            "mean reward of the samples (first batch -> last)": f"{result['reward_first_batch']} -> "
+                                                               f"{result['reward_last_batch']}",
+            "pairs masked (ties, unscored)": result["masked_fraction"]}
+    result["saved"] = policies.save(store, round_idx, role, model_card(base_name(lm.cfg), card))
     return result
 
 
@@ -265,6 +272,19 @@ def _release_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- summaries
+
+
+def model_card(base: str, facts: dict[str, Any]) -> str:
+    """A model card for a saved policy: what it is, how to load it, and ``facts`` (what trained it) as a table."""
+    rows = "\n".join(f"| {key} | {value} |" for key, value in facts.items())
+    return (f"---\nbase_model: {base}\nlibrary_name: peft\ntags: [expertchat, online-dpo, self-play]\n---\n\n"
+            f"# ExpertChat policy: {facts.get('role', '?')} after round {facts.get('round', '?')}\n\n"
+            f"A LoRA adapter on `{base}`, trained by ExpertChat's bidirectional online DPO: the model held expert "
+            f"dialogues with a partner, and the partner, frozen at the round's start, judged its samples.\n\n"
+            f"```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
+            f"policy = PeftModel.from_pretrained(base, \"<this folder>\")\n```\n\n"
+            f"| what | value |\n|---|---|\n{rows}\n")
 
 
 def write_rewards_by_round(store: RunStore, rounds: int) -> list[dict[str, Any]]:

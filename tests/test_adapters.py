@@ -173,3 +173,34 @@ def test_full_fine_tuning_trains_fp32_weights(smol_tokenizer, tmp_path):
     after = list(policies.base["actor"].model.parameters())
     assert all(p.dtype == torch.float32 for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_saved_adapters_travel_with_a_model_card(smol_tokenizer, tmp_path):
+    """The adapter names its base by hub id (or the path the user gave), never a cache path of this machine; it
+    loads onto the base found under another path on another machine; its model card says what trained it."""
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pair = tiny_pair(smol_tokenizer)
+    for lm in pair.values():
+        lm.cfg.hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    policies = Policies(pair, cfg())
+    train_round(policies, 0, fake_dialogues(), length_reward, DCFG, RunStore(tmp_path / "run"),
+                about={"reward": "zeta 0.4"})
+    folder = tmp_path / "run" / "adapters/round_0/actor"
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (folder / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    for fact in ("| role | actor |", "| round | 0 |", "| reward | zeta 0.4 |", "| steps | 1 |", "| judge | tiny"):
+        assert fact in card, fact
+    # "another machine": the base saved under another path, the adapter copied elsewhere
+    make_tiny_model(smol_tokenizer, seed=0).save_pretrained(tmp_path / "elsewhere" / "base")
+    shutil.copytree(folder, tmp_path / "elsewhere" / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "elsewhere" / "base")
+    moved = PeftModel.from_pretrained(base, str(tmp_path / "elsewhere" / "adapter"))
+    assert torch.allclose(moved(torch.tensor([IDS])).logits[0].float(), logits(policies.models["actor"], IDS),
+                          atol=1e-5)

@@ -50,6 +50,16 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     again = run_cli("+experiment=smoke", f"hydra.run.dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {name: (out / name).read_text() for name in files} == files
+    # the console: the key choices first, one summary block last, the log file named after the app
+    first = proc.stderr.splitlines()[0] if proc.stderr.strip() else proc.stdout.splitlines()[0]
+    assert "ExpertChat mode=run in" in first and "+experiment=smoke" in first
+    assert "run folder" in (proc.stdout + proc.stderr).splitlines()[-2] and (out / "expertchat.log").exists()
+    assert "nothing left to do" in again.stdout + again.stderr and "loaded smollm2_135m" not in again.stdout
+    # a changed config is refused in one line; resume=force goes on and says so in the folder
+    changed = run_cli("+experiment=smoke", f"hydra.run.dir={out}", "seed=1")
+    assert changed.returncode == 2 and "seed (0 -> 1)" in changed.stderr and "resume=force" in changed.stderr
+    forced = run_cli("+experiment=smoke", f"hydra.run.dir={out}", "seed=1", "resume=force")
+    assert forced.returncode == 0 and json.loads((out / "resumes.jsonl").read_text())["changed"]["seed"] == [0, 1]
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -92,3 +102,34 @@ def test_full_error_shows_the_traceback(tmp_path):
     proc = run_cli("+experiment=smoke", f"hydra.run.dir={tmp_path}", "dialogue.turns=0",
                    env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_built_wheel_installs_and_runs_the_smoke_experiment(tmp_path):
+    """`pip install` of a wheel (not the editable checkout) is a working program: the configs ship inside the
+    package and the `expertchat` console script runs. The fresh venv sees the dependencies already installed in
+    this one through a .pth file, so nothing is downloaded; the wheel itself is installed without them."""
+    import sysconfig
+    import venv
+
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+    (wheel,) = wheels.glob("expertchat-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    installed = subprocess.run([str(py), "-c", "import expertchat, pathlib; print(pathlib.Path(expertchat.__file__))"],
+                               capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    assert installed.startswith(str(env_dir)), installed  # the wheel's copy, not the checkout
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([str(env_dir / "bin" / "expertchat"), "+experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "stages" / "round_0.training.json").exists()
+    assert (tmp_path / "run" / "adapters" / "round_0" / "actor" / "README.md").exists()

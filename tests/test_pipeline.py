@@ -90,3 +90,26 @@ def test_pipeline_judge_failure_keeps_earlier_stages(smol_tokenizer, tmp_path, m
     assert (tmp_path / "stages/round_0.dialogue.json").exists() and (tmp_path / "stages/round_0.rating.json").exists()
     assert not (tmp_path / "stages/round_0.training.json").exists()
     assert len((tmp_path / "turns.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_stage_runs_once_and_is_tracked_only_when_it_ran(tmp_path):
+    from expertchat import pipeline
+    from expertchat.store import RunStore
+    from expertchat.tracking import Tracker
+
+    class Recording(Tracker):
+        def __init__(self):
+            self.logged = []
+
+        def log(self, metrics, step):
+            self.logged.append((metrics, step))
+
+    calls = []
+    stage = pipeline.Stage("probe", lambda run, r: calls.append(r) or {"value": 7}, ["probe.jsonl"],
+                           lambda s: [f"value {s['value']}"], lambda s: {"probe/value": s["value"], "probe/none": None})
+    run = pipeline.Run(None, RunStore(tmp_path), Recording(), [], None, None)
+    (tmp_path / "probe.jsonl").write_text('{"round": 0, "left": "by a killed attempt"}\n')
+    assert pipeline.run_stage(run, 0, stage)["value"] == 7
+    assert pipeline.run_stage(run, 0, stage)["value"] == 7  # done: skipped
+    assert calls == [0] and run.tracker.logged == [({"probe/value": 7}, 0)]
+    assert (tmp_path / "probe.incomplete.jsonl").exists()  # the interrupted attempt's record set aside

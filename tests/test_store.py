@@ -50,3 +50,19 @@ def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path):
     store.write_json("a/b.json", {"x": 1})
     assert store.read_json("a/b.json") == {"x": 1}
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
+    store = RunStore(tmp_path)
+    first = {"seed": 0, "rounds": 1, "progress": True, "training": {"learning_rate": 5e-5}, "tracker": {"backend": "none"}}
+    assert store.check_resume(first, ("progress", "rounds", "tracker"), force=False) == {}  # a new folder
+    store.record_config(first, {})
+    harmless = {**first, "rounds": 3, "progress": False, "tracker": {"backend": "wandb"}}
+    assert store.check_resume(harmless, ("progress", "rounds", "tracker"), force=False) == {}
+    changed = {**first, "seed": 1, "training": {"learning_rate": 1e-4}}
+    with pytest.raises(Exception, match=r"seed \(0 -> 1\), training.learning_rate .*resume=force"):
+        store.check_resume(changed, ("progress", "rounds", "tracker"), force=False)
+    forced = store.check_resume(changed, ("progress", "rounds", "tracker"), force=True)
+    assert forced == {"seed": [0, 1], "training.learning_rate": [5e-5, 1e-4]}
+    store.record_config(changed, forced)
+    assert json.loads((tmp_path / "resumes.jsonl").read_text())["changed"]["seed"] == [0, 1]

@@ -1,0 +1,58 @@
+"""Modes: each mode's input checked before its tracker opens, and the tracker finished in every case."""
+
+from __future__ import annotations
+
+import pytest
+
+from expertchat import modes, pipeline, tracking
+from expertchat.config import ExpertChatConfig, RateConfig
+from expertchat.errors import ExpertChatError
+
+
+class RecordingTracker(tracking.Tracker):
+    def __init__(self) -> None:
+        self.finished: list[int] = []
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.finished.append(exit_code)
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    tracker = RecordingTracker()
+    monkeypatch.setattr(tracking, "make_tracker", lambda *args: tracker)
+    return tracker
+
+
+def test_a_mode_that_returns_finishes_its_tracker(recorder, monkeypatch, tmp_path):
+    monkeypatch.setattr(pipeline, "check", lambda cfg: (None, {}))
+    monkeypatch.setattr(pipeline, "run", lambda cfg, tracker: {"ok": tracker is recorder})
+    assert modes.run(ExpertChatConfig(run_dir=str(tmp_path))) == {"ok": True}
+    assert recorder.finished == [0]
+
+
+def test_a_mode_that_fails_marks_its_tracker_failed(recorder, monkeypatch, tmp_path):
+    def boom(cfg, tracker):
+        raise ExpertChatError("the judge failed")
+
+    monkeypatch.setattr(pipeline, "check", lambda cfg: (None, {}))
+    monkeypatch.setattr(pipeline, "run", boom)
+    with pytest.raises(ExpertChatError, match="the judge failed"):
+        modes.run(ExpertChatConfig(run_dir=str(tmp_path)))
+    assert recorder.finished == [1]
+
+
+def test_bad_rate_input_stops_before_a_tracker_exists(recorder, tmp_path):
+    cfg = ExpertChatConfig(mode="rate", rate=RateConfig(input=str(tmp_path / "missing.jsonl")), run_dir=str(tmp_path))
+    with pytest.raises(ExpertChatError, match="rate.input not found"):
+        modes.run(cfg)
+    assert recorder.finished == []  # never opened, so never marked failed
+
+
+def test_every_mode_has_a_module_with_check_and_run():
+    import importlib
+
+    from expertchat.config import MODES
+
+    for module in MODES.values():
+        assert callable(importlib.import_module(module).check) and callable(importlib.import_module(module).run)
