@@ -376,7 +376,8 @@ class Policies:
             lm.model.save_pretrained(folder)
             lm.tokenizer.save_pretrained(folder)
         else:  # PEFT puts a non-default adapter in a sub-folder named after it: adapters/round_<r>/<role>/
-            self._peft[id(lm.model)].save_pretrained(str(folder.parent), selected_adapters=[role])
+            self._peft[id(lm.model)].save_pretrained(str(folder.parent), selected_adapters=[role],
+                                                     save_embedding_layers=False)  # LoRA never trains them
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
             config["base_model_name_or_path"] = base_name(lm.cfg)
             store.write_json(f"{adapter_dir(round_idx, role)}/adapter_config.json", config)

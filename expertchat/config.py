@@ -268,7 +268,7 @@ class ExpertChatConfig:
     mode: str = "run"  # run: the dialogue -> rate -> train loop | rate: rate a JSONL file (rate.input)
     rounds: int = 1
     seed: int = 0
-    run_dir: Optional[str] = "."  # the Hydra job's output folder (conf/config.yaml); null under --cfg, where no job runs
+    run_dir: Optional[str] = "."  # the Hydra job's output folder (conf/config.yaml); null under --cfg (no job)
     progress: bool = True  # progress bars
     resume: str = "auto"  # rerun into a run folder: auto (refuse a changed config) | force (go on, recorded)
 

@@ -88,6 +88,17 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str = "it", lines: 
         bar.close()
 
 
+def fmt(value: Any, digits: int = 3) -> str:
+    """A figure for a console line: floats to ``digits`` decimals, ``n/a`` for a missing one.
+
+    >>> fmt(0.128674), fmt(None), fmt(4)
+    ('0.129', 'n/a', '4')
+    """
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def quiet_libraries(progress: bool) -> None:
     """Libraries' own progress bars (transformers' "Loading weights", datasets' "Map") only where ours show too:
     with ``progress=false`` or without a terminal they are noise in a log file."""
@@ -145,13 +156,14 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
                    f"{d.get('cut_at_max_new_tokens')} cut at max_new_tokens")
     rated = (summary.get("rating") or {}).get("models", {})
     if rated:
-        out.append("  rating      " + "; ".join(f"{role} score {m['score_mean']} reward {m['reward_mean']} "
-                                               f"(by {m['rater']})" for role, m in rated.items()))
+        out.append("  rating      " + "; ".join(
+            f"{role} score {fmt(m['score_mean'], 2)} reward {fmt(m['reward_mean'])} (by {m['rater']})"
+            for role, m in rated.items()))
     roles = (summary.get("training") or {}).get("roles", {})
     trained = {role: m for role, m in roles.items() if "steps" in m}
     if trained:
         out.append("  training    " + "; ".join(
-            f"{role} reward {m['reward_first_batch']} -> {m['reward_last_batch']} over {m['steps']} steps"
+            f"{role} reward {fmt(m['reward_first_batch'])} -> {fmt(m['reward_last_batch'])} over {m['steps']} steps"
             for role, m in trained.items()))
     out.append(f"  run folder  {root} (turns.jsonl, ratings.jsonl, train_metrics.jsonl, rewards_by_round.json, "
                f"expertchat.log)")

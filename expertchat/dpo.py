@@ -100,6 +100,10 @@ class PairedReward:
         return raw
 
     def summary(self) -> dict[str, Any]:
+        """Over every call so far: ``pairs``, ``tied_pairs``, ``unscored_pairs`` (counts), ``masked_fraction`` (of
+        the pairs), ``skipped_steps`` (optimizer steps with no kept pair), and the mean reward of the scored
+        samples (``reward_mean``; of the first and the last call: ``reward_first_batch``, ``reward_last_batch``),
+        in the reward's units ([-1, 1])."""
         means = [m for m in self.call_means if not math.isnan(m)]
         pairs = max(self.totals["pairs"], 1)
         return {

@@ -116,8 +116,10 @@ class Judge:
         self.seconds: dict[str, float] = {"parse_generation": 0.0, "wim_generation": 0.0}  # parse mode
 
     # ------------------------------------------------------------------------------------------ public
-    def rate(self, items: list[RatingItem], *, wim: bool | None = None, progress: bool = False) -> list[Judgement]:
-        """Rate every item in every rubric category (and write its WIM when ``wim``, default ``cfg.wim``)."""
+    def rate(self, items: list[RatingItem], *, wim: bool | None = None, progress: bool = False,
+             desc: str = "rating") -> list[Judgement]:
+        """Rate every item in every rubric category (and write its WIM when ``wim``, default ``cfg.wim``);
+        ``desc`` names the progress shown with ``progress``."""
         wim = self.cfg.wim if wim is None else wim
         results: list[Judgement | None] = [None] * len(items)
         live = []
@@ -126,7 +128,7 @@ class Judge:
                 results[i] = self._empty(item, wim)
             else:
                 live.append(i)
-        raw = self._raw([items[i] for i in live], wim=wim, progress=progress)
+        raw = self._raw([items[i] for i in live], wim=wim, progress=progress, desc=desc)
         for i, r in zip(live, raw):
             results[i] = self._judgement(r, wim)
         self.counts["items"] += len(items)
@@ -147,7 +149,7 @@ class Judge:
 
     @torch.no_grad()
     def _raw(self, items: list[RatingItem], *, wim: bool, progress: bool = False, calibrate: bool | None = None,
-             keep_logprobs: bool = False) -> list[dict[str, Any]]:
+             keep_logprobs: bool = False, desc: str = "rating") -> list[dict[str, Any]]:
         """Per item a dict of raw signals: ``dists`` / ``cf_dists`` (score distributions per (category,
         phrasing), with and without a content-free answer), ``cond`` / ``uncond`` (answer token log-probs with
         the context and a content-free one) folded into ``pmi``, ``wim`` text, ``answer_tokens``."""
@@ -163,7 +165,7 @@ class Judge:
         order = sorted(range(len(items)), key=lambda i: -len(enc[i]["prefix"]))
         expected_wim = wim and cfg.mode == "expected"
         chunks = self._chunks(order, enc, need_likelihood) if rubric_keys or need_likelihood or expected_wim else []
-        with progress_bar(len(items), progress, "rating", unit="turn") as bar:
+        with progress_bar(len(items), progress, desc, unit="turn") as bar:
             for chunk in chunks:
                 tail = len(pr.after_ids) + max(len(enc[i]["ans"]) for i in chunk) + 1 if need_likelihood else 1
                 self._prefix_pass(chunk, enc, out, rubric_keys, tail, need_likelihood, expected_wim)

@@ -2,9 +2,9 @@
 
     topics ──> (DIALOGUE ──> RATING ──> TRAINING) x rounds
 
-Each stage is one line of the table :data:`STAGES`: :func:`run_stage` skips it when its marker says it is done, else sets aside
-what an interrupted attempt left, runs it, marks it done with its summary, logs and tracks it. Rerunning into the
-same folder therefore continues from the last completed stage.
+Each stage is one line of the table :data:`STAGES`: :func:`run_stage` skips it when its marker says it is done,
+else sets aside what an interrupted attempt left, runs it, marks it done with its summary, logs and tracks it.
+Rerunning into the same folder therefore continues from the last completed stage.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from expertchat import dialogue, rating, rewards, topics, training
 from expertchat.adapters import Policies
 from expertchat.config import RESUME_HARMLESS, ExpertChatConfig
-from expertchat.console import summary_lines
+from expertchat.console import fmt, summary_lines
 from expertchat.models import load_pair
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
@@ -46,6 +46,7 @@ class Run:
         return self.policies.models
 
     def topics_of(self, round_idx: int) -> list[str]:
+        """The ``topics.n`` topics of round ``round_idx`` (one per dialogue)."""
         n = self.cfg.topics.n
         return self.topics[round_idx * n:(round_idx + 1) * n]
 
@@ -84,8 +85,8 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
         _log_lines(summary_lines(store.root, cfg.rounds, summary, None))
         return summary
     actor, judge = load_pair(cfg.actor, cfg.judge)
-    run_topics = topics.run_topics(cfg.topics, store, cfg.topics.n * cfg.rounds, early, model=actor, generation=cfg.generation,
-                                   seed=cfg.seed)
+    run_topics = topics.run_topics(cfg.topics, store, cfg.topics.n * cfg.rounds, early, model=actor,
+                                   generation=cfg.generation, seed=cfg.seed)
     # Each role's policy: a LoRA adapter per role (one base + two adapters when both roles share the weights).
     # From here on every stage sees the models through these views; a resumed run reloads the last adapters.
     policies = Policies({"actor": actor, "judge": judge}, cfg.training)
@@ -151,6 +152,9 @@ def run_stage(run: Run, round_idx: int, s: Stage) -> dict[str, Any]:
     Records that an interrupted attempt left in ``s.files`` move to ``<file>.incomplete.jsonl`` first
     (``RunStore.begin``), so no record is written twice; the summary is kept in ``stages/round_<r>.<name>.json``;
     its headline figures are logged and tracked at step ``round_idx``.
+
+    Raises:
+        ExpertChatError: the stage failed; its marker is not written, so a rerun runs it again.
     """
     ran = not run.store.done(round_idx, s.name)
     if ran:
@@ -175,7 +179,7 @@ def _dialogue_lines(s: dict[str, Any]) -> list[str]:
 
 
 def _rating_lines(s: dict[str, Any]) -> list[str]:
-    return [f"{role} rated by {m['rater']}: score {m['score_mean']}, reward {m['reward_mean']} "
+    return [f"{role} rated by {m['rater']}: score {fmt(m['score_mean'], 2)}, reward {fmt(m['reward_mean'])} "
             f"({m['scored']}/{m['rated']} scored, {m['skipped']} skipped, {m['empty_wims']} empty WIMs)"
             for role, m in s.get("models", {}).items()]
 
@@ -184,14 +188,15 @@ def _training_lines(s: dict[str, Any]) -> list[str]:
     if "skipped" in s:
         return [f"skipped ({s['skipped']})"]
     return [f"{role}: {m['skipped']}" if "skipped" in m else
-            f"{role}: {m['steps']} steps, {m['seconds_per_step']} s/step, reward {m['reward_mean']} "
-            f"(first batch {m['reward_first_batch']}, last {m['reward_last_batch']}), "
+            f"{role}: {m['steps']} steps, {m['seconds_per_step']} s/step, reward {fmt(m['reward_mean'])} "
+            f"(first batch {fmt(m['reward_first_batch'])}, last {fmt(m['reward_last_batch'])}), "
             f"{m['masked_fraction']:.0%} of pairs masked"
             for role, m in s.get("roles", {}).items()]
 
 
 def _rating_headlines(s: dict[str, Any]) -> dict[str, Any]:
-    return {f"rating/{role}_{k}": m[k] for role, m in s.get("models", {}).items() for k in ("score_mean", "reward_mean")}
+    return {f"rating/{role}_{k}": m[k] for role, m in s.get("models", {}).items()
+            for k in ("score_mean", "reward_mean")}
 
 
 # The loop's table: a new stage (evaluation, ...) is one more line.

@@ -198,7 +198,8 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
     judgements = judge.rate(items, wim=use_wim, progress=cfg.progress)
     parts = rewards(judgements, [it.answer for it in items], cfg.reward,
                     load_embedder(cfg.reward.embedder) if use_wim else None)
-    rows = [rating_record(it, j, p, cfg.judging.mode, rater_model=lm.name) for it, j, p in zip(items, judgements, parts)]
+    rows = [rating_record(it, j, p, cfg.judging.mode, rater_model=lm.name)
+            for it, j, p in zip(items, judgements, parts)]
     store.write_text(RATINGS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = summarize(rows, bad, list(cfg.judging.active()), cfg.rate, cfg.seed, judge.counts)
     summary.update(input=str(cfg.rate.input), judge=lm.name, mode=cfg.judging.mode, zeta=cfg.reward.zeta,

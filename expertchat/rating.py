@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 RATINGS_FILE = "ratings.jsonl"
 
 
-def dialogue_items(dialogues: list, ratee: str, dialogue_cfg: DialogueConfig, judging: JudgingConfig) -> list[RatingItem]:
+def dialogue_items(dialogues: list, ratee: str, dialogue_cfg: DialogueConfig,
+                   judging: JudgingConfig) -> list[RatingItem]:
     """One :class:`RatingItem` per turn ``ratee`` spoke: the preceding context (opening question included) and
     the turn."""
     items = []
@@ -98,7 +99,8 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: Di
         items = dialogue_items(dialogues, ratee, dialogue_cfg, judging)
         start = time.perf_counter()
         judge = Judge(models[rater], judging)
-        judgements = judge.rate(items, wim=wants_wim(judging, reward), progress=progress)
+        judgements = judge.rate(items, wim=wants_wim(judging, reward), progress=progress,
+                                desc=f"round {round_idx} rating of the {ratee} by the {rater}")
         parts = rewards(judgements, [it.answer for it in items], reward, embedder)
         seconds = time.perf_counter() - start
         records = [rating_record(it, j, p, judging.mode, round=round_idx, rater=rater, ratee=ratee,

@@ -218,7 +218,8 @@ class JudgeReward:
     def __init__(self, judge: Judge, cfg: RewardConfig, embedder: Embedder | None = None, cache_size: int = 4096):
         self.judge = judge
         self.cfg = cfg
-        self.embedder = embedder if embedder is not None or not wants_wim(judge.cfg, cfg) else load_embedder(cfg.embedder)
+        needed = embedder is None and wants_wim(judge.cfg, cfg)
+        self.embedder = load_embedder(cfg.embedder) if needed else embedder
         self._cache: OrderedDict[tuple[str, str], RewardParts] = OrderedDict()
         self.cache_size = cache_size
         self.stats = {"calls": 0, "rated": 0, "cache_hits": 0, "unscored": 0}

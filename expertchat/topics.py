@@ -49,7 +49,11 @@ TOPICS_FILE = "topics.json"
 
 def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int = 0) -> list[str] | None:
     """The run's topics where they can be read before any model loads, so that bad input fails before anything
-    is written; ``None`` when ``topics.json`` already has them or the actor must write them (``generated``)."""
+    is written; ``None`` when ``topics.json`` already has them or the actor must write them (``generated``).
+
+    Raises:
+        ExpertChatError: a missing file or field, an unreachable dataset, or no topics at all.
+    """
     if store.path(TOPICS_FILE).exists() or cfg.source == "generated":
         return None
     return load_topics(cfg, count, seed=seed)
@@ -63,6 +67,9 @@ def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] 
     Args:
         early: what :func:`read_before_models` returned.
         model, generation: the actor and its decoding, for ``topics=generated``.
+
+    Raises:
+        ExpertChatError: as :func:`load_topics`.
     """
     if not store.path(TOPICS_FILE).exists():
         topics = early or load_topics(cfg, count, model=model, generation=generation, seed=seed)

@@ -128,8 +128,8 @@ def test_a_built_wheel_installs_and_runs_the_smoke_experiment(tmp_path):
     assert installed.startswith(str(env_dir)), installed  # the wheel's copy, not the checkout
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([str(env_dir / "bin" / "expertchat"), "+experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    command = [str(env_dir / "bin" / "expertchat"), "+experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "stages" / "round_0.training.json").exists()
     assert (tmp_path / "run" / "adapters" / "round_0" / "actor" / "README.md").exists()

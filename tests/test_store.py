@@ -54,7 +54,8 @@ def test_write_json_is_atomic_and_leaves_no_temp_file(tmp_path):
 
 def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
     store = RunStore(tmp_path)
-    first = {"seed": 0, "rounds": 1, "progress": True, "training": {"learning_rate": 5e-5}, "tracker": {"backend": "none"}}
+    first = {"seed": 0, "rounds": 1, "progress": True, "training": {"learning_rate": 5e-5},
+             "tracker": {"backend": "none"}}
     assert store.check_resume(first, ("progress", "rounds", "tracker"), force=False) == {}  # a new folder
     store.record_config(first, {})
     harmless = {**first, "rounds": 3, "progress": False, "tracker": {"backend": "wandb"}}
