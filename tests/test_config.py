@@ -189,3 +189,11 @@ def test_judging_and_reward_presets():
     assert compose_cfg("reward=rating_only").reward.zeta == 0.0 and compose_cfg("reward=wim_only").reward.zeta == 1.0
     rate = compose_cfg("mode=rate", "rate.input=x.jsonl").rate
     assert (rate.question_field, rate.answer_field, rate.id_field) == ("question", "answer", "id")
+
+
+def test_two_likelihood_categories_warn_and_the_default_does_not():
+    """The likelihood does not read the category: two weighted likelihood categories are one number twice."""
+    assert compose_cfg().judging.same_signal_warning() is None
+    doubled = compose_cfg("judging.rubric.depth.weight=1.0", "judging.rubric.depth.signal=likelihood").judging
+    assert "knowledge and depth" in doubled.same_signal_warning() and "67%" in doubled.same_signal_warning()
+    assert compose_cfg("judging=rubric").judging.same_signal_warning() is None
