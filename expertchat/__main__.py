@@ -48,7 +48,7 @@ def app(cfg: DictConfig) -> None:
 def preflight(overrides: list[str]) -> None:
     """Compose the config once before Hydra does, to turn composition errors into one line."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     from omegaconf import open_dict
 
@@ -66,13 +66,31 @@ def preflight(overrides: list[str]) -> None:
         options = ", ".join(exc.options or [])
         fail(f"unknown option '{option}' for config group '{group}'" + (f" (choose from: {options})" if options
                                                                       else f": no file conf/{missing}.yaml"))
+    except OverrideParseException as exc:
+        bad = next((o for o in overrides if _unparsable(o)), None)
+        fail(f"cannot parse the override {bad or ''!r} ({first_line(exc)}): quote its value for Hydra and the shell, "
+             f"e.g. \"topics.field='turns[0]'\" or \"rate.input='epoch=9.jsonl'\"")
     except Exception as exc:  # noqa: BLE001 - hydra/omegaconf raise many types; report them as one line
+        hint = [line for line in str(exc).splitlines()[1:] if line.strip().lower().startswith(("to ", "use "))]
+        if hint:  # Hydra's own hint, e.g. "To append to your default list use +experiment=smoke"
+            fail(f"{first_line(exc)} {hint[0].strip()}")
         cause = exc.__cause__ or exc.__context__ or exc  # Hydra chains the config error as the context
         first = first_line(cause) or type(cause).__name__
         key = getattr(cause, "full_key", None)
         if key and renamed(key):
             fail(f"{key} was renamed to {renamed(key)} (in a config file or override)")
         fail(f"{first}" + (f" (key: {key})" if key and key not in first else ""))
+
+
+def _unparsable(override: str) -> bool:
+    """Whether Hydra's override grammar refuses ``override`` on its own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except Exception:  # noqa: BLE001 - the grammar's errors
+        return True
+    return False
 
 
 def check_renamed(args: list[str]) -> None:

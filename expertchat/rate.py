@@ -2,7 +2,7 @@
 
     python -m expertchat mode=rate rate.input=answers.jsonl
     python -m expertchat mode=rate rate.input=chats.jsonl rate.messages_field=messages
-    python -m expertchat mode=rate rate.input=mt.jsonl rate.question_field='turns[0]' rate.answer_field=reply
+    python -m expertchat mode=rate rate.input=mt.jsonl "rate.question_field='turns[0]'" rate.answer_field=reply
 
 Input: JSONL, one record per line, with a question and an answer field (dotted paths with indices; defaults
 ``question`` and ``answer``), or chat messages (``rate.messages_field``, default ``messages``: the last assistant
@@ -23,6 +23,8 @@ from typing import Any
 
 from expertchat.config import ExpertChatConfig, RateConfig
 from expertchat.errors import ExpertChatError
+from expertchat import inputs
+from expertchat.inputs import message_text
 from expertchat.judging import Judge, RatingItem, turn_context
 from expertchat.rating import RATINGS_FILE, rating_record
 from expertchat.store import RunStore
@@ -35,8 +37,9 @@ SUMMARY_FILE = "rate_summary.json"
 
 
 def read_records(path: str, cfg: RateConfig, context_turns: int = 2) -> tuple[list[RatingItem], list[dict]]:
-    """Read ``path``: a :class:`RatingItem` per good record (``meta`` holds ``id`` and ``line``), and one
-    ``{"line", "reason"}`` per bad record.
+    """Read ``path`` (JSONL, or a JSON array of records: :mod:`expertchat.inputs`): a :class:`RatingItem` per
+    good record (``meta`` holds ``id`` and ``line``, the record's position in an array), and one
+    ``{"line", "reason"}`` per bad record (not UTF-8, not JSON, a missing field, an empty answer, ...).
 
     Raises:
         ExpertChatError: the file does not exist.
@@ -44,32 +47,30 @@ def read_records(path: str, cfg: RateConfig, context_turns: int = 2) -> tuple[li
     file = Path(path).expanduser()
     if not file.is_file():
         raise ExpertChatError(f"rate.input not found: {file} (set rate.input=FILE.jsonl)")
+    records = inputs.read_records(file)
     items: list[RatingItem] = []
     bad: list[dict[str, Any]] = []
-    with file.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if cfg.limit is not None and len(items) + len(bad) >= cfg.limit:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append({"line": lineno, "reason": f"not valid JSON ({exc.msg})"})
-                continue
-            if not isinstance(record, dict):
-                bad.append({"line": lineno, "reason": f"not a JSON object ({type(record).__name__})"})
-                continue
-            try:
-                question, answer = _question_answer(record, cfg, context_turns)
-            except ValueError as exc:
-                bad.append({"line": lineno, "reason": str(exc)})
-                continue
-            try:
-                rid = get_field(record, cfg.id_field)
-            except (KeyError, IndexError, TypeError):
-                rid = lineno
-            items.append(RatingItem(question, answer, {"id": rid, "line": lineno}))
+    entries = sorted([(n, r, None) for n, r in records.good] + [(b["line"], None, b) for b in records.bad],
+                     key=lambda e: e[0])
+    for lineno, record, failed in entries:
+        if cfg.limit is not None and len(items) + len(bad) >= cfg.limit:
+            break
+        if failed is not None:
+            bad.append(failed)
+            continue
+        if not isinstance(record, dict):
+            bad.append({"line": lineno, "reason": f"not a JSON object ({type(record).__name__})"})
+            continue
+        try:
+            question, answer = _question_answer(record, cfg, context_turns)
+        except ValueError as exc:
+            bad.append({"line": lineno, "reason": str(exc)})
+            continue
+        try:
+            rid = get_field(record, cfg.id_field)
+        except (KeyError, IndexError, TypeError):
+            rid = lineno
+        items.append(RatingItem(question, answer, {"id": rid, "line": lineno}))
     return items, bad
 
 
@@ -82,8 +83,8 @@ def _question_answer(record: dict, cfg: RateConfig, context_turns: int) -> tuple
         last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=None)
         if last is None:
             raise ValueError(f"no assistant message in '{cfg.messages_field}'")
-        answer = str(turns[last].get("content") or "")
-        before = [(False, str(m.get("content") or "")) for m in turns[:last] if m.get("role") != "system"]
+        answer = message_text(turns[last].get("content"))
+        before = [(False, message_text(m.get("content"))) for m in turns[:last] if m.get("role") != "system"]
         question = turn_context(before, context_turns)
     else:
         for name in (cfg.question_field, cfg.answer_field):

@@ -28,7 +28,9 @@ SCORES = tuple(range(1, 11))
 # --------------------------------------------------------------------------------------------- parsing
 
 
-_RATING = re.compile(r"(?<!\[)\[\[\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]\]")  # not inside [[[WIM]]]
+_RATING = re.compile(r"(?<!\[)\[\[\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]\](?!\])")  # not inside [[[WIM]]]
+# FastChat's fallback (llm_judge, one_score_pattern_backup): a single-bracket [N] when no [[N]] is there
+_RATING_SINGLE = re.compile(r"(?<!\[)\[\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\](?!\])")
 _WIM = re.compile(r"\[\[\[(.*?)\]\]\]", re.DOTALL)
 _EMPTY_WIM = re.compile(
     r"^(?:none|nothing|n/?a|no|nil|-+|no(?:thing)?\s+(?:is\s+)?missing|nothing\s+(?:at\s+all|else|is\s+missing|"
@@ -37,18 +39,20 @@ _EMPTY_WIM = re.compile(
 
 
 def parse_rating(text: str, lo: float = 1, hi: float = 10) -> float | None:
-    """The first ``[[N]]`` in ``text`` with ``lo <= N <= hi`` (spaces and ``N/10`` allowed), else ``None``.
+    """The judge's final verdict: the LAST ``[[N]]`` in ``text`` with ``lo <= N <= hi`` (spaces and ``N/10``
+    allowed), else the last single-bracket ``[N]`` (FastChat's fallback), else ``None``. The last, not the first:
+    a judge often restates the prompt's own example (``for example: "Rating: [[5]]"``) before its verdict.
 
-    >>> parse_rating("Rating: [[ 7 ]]"), parse_rating("[[11]] then [[8]]"), parse_rating("no score")
+    >>> parse_rating('The format is "Rating: [[5]]". Rating: [[9]]'), parse_rating("Rating: [8]")
+    (9.0, 8.0)
+    >>> parse_rating("Rating: [[ 7 ]]"), parse_rating("[[8]] then [[11]]"), parse_rating("no score")
     (7.0, 8.0, None)
     """
-    for match in _RATING.finditer(text or ""):
-        try:
-            value = float(match.group(1))
-        except ValueError:  # pragma: no cover - the regex only matches numbers
-            continue
-        if math.isfinite(value) and lo <= value <= hi:
-            return value
+    for pattern in (_RATING, _RATING_SINGLE):
+        values = [float(m.group(1)) for m in pattern.finditer(text or "")]
+        valid = [v for v in values if math.isfinite(v) and lo <= v <= hi]
+        if valid:
+            return valid[-1]
     return None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -11,6 +10,7 @@ from typing import Any
 
 from expertchat.config import GenerationConfig, TopicsConfig
 from expertchat.errors import ExpertChatError, first_line
+from expertchat.inputs import read_records
 from expertchat.models import LoadedModel, render_prompt
 from expertchat.store import RunStore
 
@@ -102,17 +102,17 @@ def from_jsonl(path: str | None, field: str) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ExpertChatError(f"topics file not found: {file} (set topics.path=FILE.jsonl)")
+    records = read_records(file)
+    if records.bad:
+        first = records.bad[0]
+        raise ExpertChatError(f"{file}:{first['line']}: {first['reason']}")
     topics = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, record in records.good:
         try:
-            value = get_field(json.loads(line), field)
-        except json.JSONDecodeError as exc:
-            raise ExpertChatError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from exc
+            value = get_field(record, field)
         except (KeyError, IndexError, TypeError):
             raise ExpertChatError(
-                f"{file}:{lineno}: no field '{field}' (set topics.field=NAME, e.g. topics.field='turns[0]')"
+                f"{file}:{lineno}: no field '{field}' (set topics.field=NAME, e.g. \"topics.field='turns[0]'\")"
             ) from None
         if isinstance(value, str) and value.strip():
             topics.append(value.strip())

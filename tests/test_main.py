@@ -133,3 +133,32 @@ def test_a_built_wheel_installs_and_runs_the_smoke_experiment(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "stages" / "round_0.training.json").exists()
     assert (tmp_path / "run" / "adapters" / "round_0" / "actor" / "README.md").exists()
+
+
+def readme_commands() -> list[str]:
+    """The README's ``python -m expertchat`` commands, continuation lines joined and comments cut."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return [line.split(" #")[0].strip() for line in text.splitlines() if line.startswith("python -m expertchat")]
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_parses_as_printed(command):
+    """Each command of the README, typed in bash exactly as printed (its quoting included), composes: Hydra
+    parses every override and the config validates (``--cfg job`` prints it instead of running)."""
+    import re
+
+    args = command.removeprefix("python -m expertchat")
+    if " -m " in args:  # a sweep: --cfg cannot go with --multirun; check its first job's composition
+        args = re.sub(r"=([^ ,]+),[^ ]+", r"=\1", args.replace(" -m ", " ", 1))
+    shell = f"{sys.executable} -m expertchat{args} --cfg job"
+    proc = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_an_unquoted_value_names_the_override_and_how_to_quote_it(tmp_path):
+    proc = run_cli(f"hydra.run.dir={tmp_path}", "topics=jsonl", "topics.field=turns[0]")
+    assert proc.returncode == 2 and "cannot parse the override 'topics.field=turns[0]'" in proc.stderr
+    assert "\"topics.field='turns[0]'\"" in proc.stderr
+    proc = run_cli(f"hydra.run.dir={tmp_path}", "experiment=smoke")
+    assert proc.returncode == 2 and "use +experiment=smoke" in proc.stderr

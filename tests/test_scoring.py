@@ -29,7 +29,10 @@ def test_doctests():
     ("rating:[[10]]", 10.0),
     ("[[8/10]]", 8.0),
     ("[[7.5]]", 7.5),
-    ("First [[0]], then [[11]], finally [[3]] and [[9]]", 3.0),
+    ("First [[0]], then [[11]], finally [[3]] and [[9]]", 9.0),  # the final verdict
+    ('I must answer like "Rating: [[5]]". Rating: [[9]]', 9.0),  # not the echo of the prompt's example
+    ("Rating: [8]", 8.0),  # FastChat's single-bracket fallback
+    ("Rating: [[8]] (not [3])", 8.0),  # a double-bracket verdict wins over a single bracket
     ("WIM: [[[something]]] Rating: [[6]]", 6.0),
     ("[[[5]]]", None),  # a WIM bracket, not a rating
     ("Rating: 7", None),
@@ -49,9 +52,10 @@ def test_parse_rating_never_fails_and_stays_in_range(text):
 
 
 @given(st.text(alphabet=st.characters(blacklist_characters="[]"), max_size=80),
-       st.integers(min_value=1, max_value=10), st.text(max_size=80), st.sampled_from(["", " ", "  "]))
+       st.integers(min_value=1, max_value=10), st.text(alphabet=st.characters(blacklist_characters="[]"), max_size=80),
+       st.sampled_from(["", " ", "  "]))
 @settings(max_examples=200, deadline=None)
-def test_parse_rating_finds_the_first_valid_score(before, score, after, pad):
+def test_parse_rating_finds_the_verdict_in_any_text(before, score, after, pad):
     assert parse_rating(f"{before}Rating: [[{pad}{score}{pad}]]{after}") == score
 
 
@@ -60,7 +64,22 @@ def test_parse_rating_finds_the_first_valid_score(before, score, after, pad):
 def test_parse_rating_skips_out_of_range_scores(scores):
     text = " ".join(f"[[{s}]]" for s in scores)
     valid = [s for s in scores if 1 <= s <= 10]
-    assert parse_rating(text) == (float(valid[0]) if valid else None)
+    assert parse_rating(text) == (float(valid[-1]) if valid else None)
+
+
+def test_the_judge_replies_that_echoed_the_prompt_give_their_final_verdicts():
+    """tests/data/cases/judge-parse-first-match: an echo of the prompt's example, a single-bracket verdict and a
+    decimal one: 9, 8, 8.5, so the weighted score of judging=parse is 8.5 (the turn is no longer skipped)."""
+    import json
+    from pathlib import Path
+
+    from tests.test_config import compose_cfg
+
+    replies = json.loads((Path(__file__).parent / "data/cases/judge-parse-first-match/judge_replies.json").read_text())
+    scores = {name: parse_rating(text) for name, text in replies.items()}
+    assert scores == {"knowledge": 9.0, "depth": 8.0, "human_expert_likeness": 8.5}
+    rubric = compose_cfg("judging=parse").judging.active()
+    assert sum(rubric[n].weight * s for n, s in scores.items()) / sum(c.weight for c in rubric.values()) == 8.5
 
 
 def test_parse_wim():
