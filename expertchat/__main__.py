@@ -72,6 +72,9 @@ def preflight(overrides: list[str]) -> None:
              f"e.g. \"topics.field='turns[0]'\" or \"rate.input='epoch=9.jsonl'\"")
     except Exception as exc:  # noqa: BLE001 - hydra/omegaconf raise many types; report them as one line
         hint = [line for line in str(exc).splitlines()[1:] if line.strip().lower().startswith(("to ", "use "))]
+        if hint and hint[0].strip().startswith("To append to your config"):  # a key the schema does not have
+            key = first_line(exc).partition("'")[2].partition("'")[0]
+            fail(f"no key '{key}' in the config: check its spelling (expertchat --cfg job lists every key)")
         if hint:  # Hydra's own hint, e.g. "To append to your default list use +experiment=smoke"
             fail(f"{first_line(exc)} {hint[0].strip()}")
         cause = exc.__cause__ or exc.__context__ or exc  # Hydra chains the config error as the context

@@ -367,22 +367,23 @@ class Policies:
 
     # ---- saving and loading
     def save(self, store: RunStore, round_idx: int, role: str, card: str = "") -> str:
-        """Save ``role``'s policy to ``adapters/round_<r>/<role>/`` (a PEFT adapter, or full weights) with a model
-        card (``README.md``, the text ``card``). A LoRA adapter names its base by :func:`models.base_name` (hub id or
-        the path the user gave), so ``PeftModel.from_pretrained(base, folder)`` works on another machine."""
-        folder = store.path(adapter_dir(round_idx, role))
+        """Save ``role``'s policy to ``adapters/round_<r>/<role>/`` (a PEFT adapter naming its base by
+        :func:`models.base_name`, so it loads on another machine; or full weights) with ``card`` as README.md."""
         lm = self.base[role]
+        folder = root = store.scratch() / f"save-{round_idx}-{role}"  # written in full, then moved into place
         if self.cfg.method == "full":
             lm.model.save_pretrained(folder)
             lm.tokenizer.save_pretrained(folder)
-        else:  # PEFT puts a non-default adapter in a sub-folder named after it: adapters/round_<r>/<role>/
-            self._peft[id(lm.model)].save_pretrained(str(folder.parent), selected_adapters=[role],
+        else:  # PEFT puts a non-default adapter in a sub-folder named after it
+            self._peft[id(lm.model)].save_pretrained(str(folder), selected_adapters=[role],
                                                      save_embedding_layers=False)  # LoRA never trains them
+            folder = folder / role
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
             config["base_model_name_or_path"] = base_name(lm.cfg)
-            store.write_json(f"{adapter_dir(round_idx, role)}/adapter_config.json", config)
+            (folder / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         if card:
-            store.write_text(f"{adapter_dir(round_idx, role)}/README.md", card)
+            (folder / "README.md").write_text(card, encoding="utf-8")
+        store.publish(folder, adapter_dir(round_idx, role), written_in=root)
         return adapter_dir(round_idx, role)
 
     def load(self, store: RunStore, round_idx: int, role: str) -> None:

@@ -32,6 +32,7 @@ class Dialogue:
     id: str
     topic: str
     turns: list[dict[str, Any]] = field(default_factory=list)
+    step_seconds: dict[int, float] = field(default_factory=dict)  # turn -> seconds of its batched step (not a record)
 
     def view(self, role: str, opening: str) -> list[tuple[bool, str]]:
         """The dialogue as ``role`` sees it: (is_own_turn, text), starting with the partner's message."""
@@ -87,8 +88,9 @@ def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], 
         record = {
             "dialogue_id": d.id, "round": round_idx, "turn": turn, "role": role, "model": lm.name,
             "topic": d.topic, "text": out.text, "prompt_tokens": out.prompt_tokens,
-            "new_tokens": out.new_tokens, "finished": out.finished, "seconds": round(seconds, 4),
+            "new_tokens": out.new_tokens, "finished": out.finished,
         }
+        d.step_seconds[turn] = round(seconds, 4)  # wall-clock: kept out of the records (deterministic)
         d.turns.append(record)
         store.append(TURNS_FILE, record)
     new = sum(o.new_tokens for o in outputs)
@@ -115,11 +117,15 @@ def transcript(d: Dialogue, cfg: DialogueConfig) -> str:
 
 def summarize(dialogues: list[Dialogue]) -> dict[str, Any]:
     turns = [t for d in dialogues for t in d.turns]
-    seconds = sum({t["turn"]: t["seconds"] for t in turns}.values())  # one batched step per turn index
+    steps: dict[int, float] = {}
+    for d in dialogues:  # one batched step per turn index, shared by the dialogues
+        steps.update(d.step_seconds)
+    seconds = sum(steps.values())
     tokens = sum(t["new_tokens"] for t in turns)
     return {
         "dialogues": len(dialogues), "turns": len(turns), "new_tokens": tokens,
         "seconds": round(seconds, 3), "tok_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "step_seconds": [steps[t] for t in sorted(steps)],
         "cut_at_max_new_tokens": sum(not t["finished"] for t in turns),
         "empty_turns": sum(not t["text"] for t in turns),
     }

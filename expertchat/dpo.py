@@ -212,8 +212,9 @@ class MetricsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final = "train_runtime" in values  # TRL's end-of-training totals, logged at the last step's number
         self.store.append(self.path, {"round": self.round_idx, "role": self.role, "step": state.global_step,
-                                      **values})
+                                      **({"final": True} if final else {}), **values})
         if self.tracker is not None:
             self.tracker.log({f"train/{self.role}/{k}": v for k, v in values.items()},
                              step=self.step_offset + state.global_step)

@@ -71,7 +71,17 @@ class JudgePrompts:
         return ids[-self.cfg.max_context_tokens:]
 
     def answer_ids(self, answer: str) -> list[int]:
-        return self._ids(answer.strip())[:self.cfg.max_answer_tokens]
+        """The answer's tokens, cut (:meth:`cut_answer`) to ``judging.max_answer_tokens``."""
+        return self.cut_answer(self.all_answer_ids(answer))
+
+    def all_answer_ids(self, answer: str) -> list[int]:
+        return self._ids(answer.strip())
+
+    def cut_answer(self, ids: list[int]) -> list[int]:
+        """An answer longer than ``judging.max_answer_tokens`` keeps its first and its last half: the judge sees
+        how it starts and how it ends (two answers that differ only in their endings are told apart)."""
+        n = self.cfg.max_answer_tokens
+        return ids if len(ids) <= n else ids[:n - n // 2] + ids[len(ids) - n // 2:]
 
     def prefix(self, context_ids: list[int], answer_ids: list[int]) -> tuple[list[int], int]:
         """Prefix token ids and where the answer starts in them."""

@@ -93,7 +93,12 @@ class Judgement:
     wim_empty: bool = False  # the judge said nothing is missing (or wrote nothing)
     wim_status: str = "none"  # none (not asked) | ok | empty | parsed (from a parse-mode reply) | truncated
     pmi: float | None = None  # summed log p(answer | context) - log p(answer | content-free), when computed
-    answer_tokens: int = 0
+    answer_tokens: int = 0  # tokens of the answer the judge read
+    answer_total_tokens: int = 0  # tokens of the whole answer: more than answer_tokens when it was cut
+
+    @property
+    def judge_saw_whole(self) -> bool:
+        return self.answer_tokens >= self.answer_total_tokens
 
 
 # ------------------------------------------------------------------------------------------------ the judge
@@ -177,7 +182,7 @@ class Judge:
         if cfg.mode == "parse":
             self._parse_pass(items, out, wim)
         for i in range(len(items)):
-            out[i]["answer_tokens"] = len(enc[i]["ans"])
+            out[i]["answer_tokens"], out[i]["answer_total_tokens"] = len(enc[i]["ans"]), enc[i]["total"]
             if "cond" in out[i]:
                 copied = copied_mask(enc[i]["ctx"], enc[i]["ans"], cfg.likelihood_copy_ngram)
                 out[i]["pmi"] = token_pmi(out[i]["cond"], out[i]["uncond"], copied)
@@ -189,9 +194,10 @@ class Judge:
 
     def _encode(self, item: RatingItem) -> dict[str, Any]:
         """The item's context and answer ids (capped), its prefix ids and where the answer starts in them."""
-        ctx, ans = self.prompts.context_ids(item.context), self.prompts.answer_ids(item.answer)
+        full = self.prompts.all_answer_ids(item.answer)
+        ctx, ans = self.prompts.context_ids(item.context), self.prompts.cut_answer(full)
         prefix, start = self.prompts.prefix(ctx, ans)
-        return {"ctx": ctx, "ans": ans, "prefix": prefix, "start": start}
+        return {"ctx": ctx, "ans": ans, "prefix": prefix, "start": start, "total": len(full)}
 
     def _distributions(self, batch: PrefixBatch, keys: list[tuple[str, int]]):
         """``(key, probs [B, 10], mass [B])`` for each (category, phrasing) suffix run on ``batch``."""
@@ -348,7 +354,7 @@ class Judge:
                 self.counts["skipped"] += 1
                 self.counts["non_finite"] += 1
         j = Judgement(categories=cats, score=score, status=status, pmi=raw.get("pmi"),
-                      answer_tokens=raw["answer_tokens"])
+                      answer_tokens=raw["answer_tokens"], answer_total_tokens=raw["answer_total_tokens"])
         if wim:
             text, empty, truncated = clean_wim(raw.get("wim"), cfg.wim_max_chars)
             j.wim, j.wim_empty = text, empty

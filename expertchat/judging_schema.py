@@ -109,7 +109,7 @@ class JudgingConfig:
     neutral_score: float = 5.0
     context_turns: int = 2  # preceding dialogue turns the judge sees
     max_context_tokens: int = 384  # longer contexts keep their end
-    max_answer_tokens: int = 384  # longer answers keep their start
+    max_answer_tokens: int = 384  # longer answers keep their first and last halves (each row says so)
     batch_size: int = 16  # rated turns per forward pass (fewer where the likelihood's logits would not fit)
 
     def active(self) -> dict[str, RubricCategory]:

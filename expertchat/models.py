@@ -7,6 +7,7 @@ of plain safetensors (the HF Trainer refuses GGUF-quantized models) and loaded f
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -34,20 +35,66 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     cfg: ModelConfig
 
-    @property
+    @functools.cached_property
     def stop_token_ids(self) -> list[int]:
-        """Token ids that end a turn (:func:`stop_ids`)."""
+        """Token ids that end a turn (:func:`stop_ids`), worked out once per loaded model."""
         return stop_ids(self.model, self.tokenizer)
 
 
 def stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end a turn: the tokenizer's EOS id and the model generation config's EOS id(s)."""
-    ids: set[int] = set()
+    """Token ids that end a turn: the tokenizer's EOS id, the model generation config's EOS id(s), and the
+    end-of-message token of the chat template (:func:`template_end_ids`), so that a model whose end of turn is
+    not its EOS (first-release Llama-3 files: ``<|eot_id|>``; a ``chat_template`` override) stops where the
+    template ends a message."""
+    ids: set[int] = set(template_end_ids(tokenizer))
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
+
+
+def template_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token the chat template writes right after an assistant message's text (``<|eot_id|>``,
+    ``<|im_end|>``, ``</s>``), as a one-element list; empty without a template or when the text is followed by
+    no special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    marker = "\ue000END\ue001"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi."},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template may refuse this shape; EOS settings still apply
+        return []
+    after = text.split(marker, 1)[1].lstrip(" ") if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [ids[0]] if ids and ids[0] in special else []
+
+
+def check_model(cfg: ModelConfig, role: str) -> None:
+    """What can be checked of a model config before loading anything: the local folder or GGUF file exists
+    (:func:`resolve_source`), and GPU-only settings have a GPU to run on.
+
+    Raises:
+        ExpertChatError: naming ``<role>.<key>`` and the fix: a missing folder, ``load_in_4bit`` (bitsandbytes
+            nf4), ``device=cuda...`` or a ``device_map`` naming a CUDA device on a machine without CUDA, or
+            ``dtype=bfloat16`` on a GPU without bf16 (V100).
+    """
+    import torch
+
+    resolve_source(cfg)
+    cuda = torch.cuda.is_available()
+    if cfg.load_in_4bit and not cuda:
+        raise ExpertChatError(f"{role}.load_in_4bit=true needs a CUDA GPU (bitsandbytes nf4) and this machine has "
+                              f"none: set {role}.load_in_4bit=false")
+    for key, value in (("device", cfg.device), ("device_map", cfg.device_map)):
+        if value and str(value).startswith("cuda") and not cuda:
+            raise ExpertChatError(f"{role}.{key}={value} needs CUDA and this machine has none: set {role}.{key}=null "
+                                  f"(cpu)")
+    if cfg.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported() and cfg.device != "cpu":
+        raise ExpertChatError(f"{role}.dtype=bfloat16: this GPU ({torch.cuda.get_device_name()}) has no bf16; set "
+                              f"{role}.dtype=float16 or auto")
 
 
 def base_name(cfg: ModelConfig) -> str:

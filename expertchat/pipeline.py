@@ -22,7 +22,7 @@ from expertchat import dialogue, rating, rewards, topics, training
 from expertchat.adapters import Policies
 from expertchat.config import RESUME_HARMLESS, ExpertChatConfig
 from expertchat.console import fmt, summary_lines
-from expertchat.models import load_pair
+from expertchat.models import check_model, load_pair
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
 
@@ -52,16 +52,20 @@ class Run:
 
 
 def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list]]:
-    """What can be checked before any model loads or anything is written: the topics (when they can be read
-    without the actor) and, in a folder an earlier run used, that the config did not change (``resume``).
+    """What can be checked before any model loads or anything is written: the models' folders and GPU-only
+    settings, the topics (when they can be read without the actor) and, in a folder an earlier run used, that
+    the config did not change (``resume``).
 
     Returns:
         (the topics read, or None; the config differences that ``resume=force`` lets through).
 
     Raises:
-        ExpertChatError: bad topic input, or a changed config under ``resume=auto``.
+        ExpertChatError: a missing model, a GPU-only setting without a GPU, bad topic input, or a changed config
+            under ``resume=auto``.
     """
     store = RunStore(cfg.run_dir)
+    check_model(cfg.actor, "actor")
+    check_model(cfg.judge, "judge")
     early = topics.read_before_models(cfg.topics, store, cfg.topics.n * cfg.rounds, seed=cfg.seed)
     forced = store.check_resume(OmegaConf.to_container(OmegaConf.structured(cfg)), RESUME_HARMLESS,
                                 force=cfg.resume == "force")
@@ -78,12 +82,17 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
     start = time.perf_counter()
     store = RunStore(cfg.run_dir)
     early, forced = check(cfg)
+    earlier = _earlier_work(store)
+    leftovers = store.clean_leftovers()  # before anything is written: a killed run's temporary files
     store.record_config(OmegaConf.to_container(OmegaConf.structured(cfg)), forced)
     if all(store.done(r, s.name) for r in range(cfg.rounds) for s in STAGES):
         log.info("nothing left to do: all %d round(s) of %s are complete", cfg.rounds, store.root)
+        training.write_rewards_by_round(store, cfg.rounds)  # derived files: a kill may have come before them
         summary = {s.name: store.stage_summary(cfg.rounds - 1, s.name) for s in STAGES}
         _log_lines(summary_lines(store.root, cfg.rounds, summary, None))
         return summary
+    if earlier:
+        _resume(store, cfg.rounds, leftovers)
     actor, judge = load_pair(cfg.actor, cfg.judge)
     run_topics = topics.run_topics(cfg.topics, store, cfg.topics.n * cfg.rounds, early, model=actor,
                                    generation=cfg.generation, seed=cfg.seed)
@@ -101,6 +110,24 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
         training.write_rewards_by_round(store, cfg.rounds)
     _log_lines(summary_lines(store.root, cfg.rounds, summary, time.perf_counter() - start))
     return summary
+
+
+def _earlier_work(store: RunStore) -> bool:
+    """Whether an earlier run into the folder left stage markers or records: this run then resumes it."""
+    return (any(store.path("stages").glob("round_*.json"))
+            or any(store.path(name).exists() for s in STAGES for name in s.files))
+
+
+def _resume(store: RunStore, rounds: int, leftovers: list[str]) -> None:
+    """Log, in one line, where a rerun resumes and what the interrupted stage left: its records move aside now
+    (``RunStore.begin``; :func:`run_stage` then finds none), counted per file."""
+    r, s = next((r, s) for r in range(rounds) for s in STAGES if not store.done(r, s.name))
+    moved = store.begin(r, s.name, s.files)
+    aside = "; ".join(f"{n} record{'s' if n != 1 else ''} of {name} set aside into "
+                      f"{name.removesuffix('.jsonl')}.incomplete.jsonl" for name, n in moved.items())
+    log.info("resuming %s at round %d %s (the stages before it are complete): %s%s", store.root, r, s.name,
+             aside or "no record of an interrupted attempt to set aside",
+             f"; removed {len(leftovers)} leftover temporary file(s)/folder(s)" if leftovers else "")
 
 
 def _log_lines(lines: list[str]) -> None:

@@ -26,7 +26,7 @@ from expertchat.errors import ExpertChatError
 from expertchat import inputs
 from expertchat.inputs import message_text
 from expertchat.judging import Judge, RatingItem, turn_context
-from expertchat.rating import RATINGS_FILE, rating_record
+from expertchat.rating import RATINGS_FILE, cut_counts, rating_record, warn_cut
 from expertchat.store import RunStore
 from expertchat.topics import get_field
 from expertchat.tracking import Tracker
@@ -140,6 +140,7 @@ def summarize(rows: list[dict[str, Any]], bad: list[dict], names: list[str], cfg
         "reward": _mean_ci([r["reward"] for r in rows], cfg, seed),
         "parse_failures": counts.get("parse_failures", 0), "skipped": counts.get("skipped", 0),
         "neutral": counts.get("neutral", 0), "empty_wims": sum(r["wim_status"] == "empty" for r in rows),
+        **cut_counts(rows),
     }
 
 
@@ -164,8 +165,12 @@ def check(cfg: ExpertChatConfig) -> tuple[list[RatingItem], list[dict]]:
     """The input's records, read before any model loads or a tracker opens: (good items, bad records).
 
     Raises:
-        ExpertChatError: the run folder holds a dialogue run, the input is missing, or it has no good record.
+        ExpertChatError: the judge model is missing or needs a GPU this machine lacks, the run folder holds a
+            dialogue run, the input is missing, or it has no good record.
     """
+    from expertchat.models import check_model
+
+    check_model(cfg.judge, "judge")
     store = RunStore(cfg.run_dir)
     if store.path(RATINGS_FILE).exists() and not store.path(SUMMARY_FILE).exists():
         raise ExpertChatError(f"{store.path(RATINGS_FILE)} holds the ratings of a dialogue run; rate into another "
@@ -206,6 +211,7 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
     summary.update(input=str(cfg.rate.input), judge=lm.name, mode=cfg.judging.mode, zeta=cfg.reward.zeta,
                    seconds=round(time.perf_counter() - start, 2))
     store.write_json(SUMMARY_FILE, summary)
+    warn_cut(summary, summary["rated"], str(cfg.rate.input))
     means = {"score": summary["score"], "reward": summary["reward"], "similarity": summary["similarity"],
              **{f"category_{n}": m for n, m in summary["categories"].items()}}
     tracker.log({f"rate/{name}": m["mean"] for name, m in means.items() if m["mean"] is not None}, step=0)

@@ -49,7 +49,9 @@ def rating_record(item: RatingItem, j: Judgement, parts: RewardParts, mode: str,
     return {
         **extra, **item.meta, "mode": mode, "status": j.status, "score": _r(j.score),
         "categories": {name: cs.to_json() for name, cs in j.categories.items()},
-        "pmi": _r(j.pmi), "answer_tokens": j.answer_tokens, "wim": j.wim, "wim_status": j.wim_status,
+        "pmi": _r(j.pmi), "answer_tokens": j.answer_tokens, "answer_total_tokens": j.answer_total_tokens,
+        "judge_saw_whole": j.judge_saw_whole, "embedder_saw_whole": parts.embedder_saw_whole,
+        "wim": j.wim, "wim_status": j.wim_status,
         "similarity": _r(parts.similarity), "similarity_status": parts.similarity_status,
         "rating": _r(parts.rating), "reward": _r(parts.reward),
     }
@@ -76,7 +78,22 @@ def summarize(records: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
         "neutral": sum(r["status"] == "neutral" for r in records),
         "empty_answers": sum(r["status"] == "empty_answer" for r in records),
         "empty_wims": sum(r["wim_status"] == "empty" for r in records),
+        **cut_counts(records),
     }
+
+
+def cut_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many rated answers the judge (``judging.max_answer_tokens``) or the embedder (its window) saw cut."""
+    return {"judge_cut": sum(r.get("judge_saw_whole") is False for r in records),
+            "embedder_cut": sum(r.get("embedder_saw_whole") is False for r in records)}
+
+
+def warn_cut(counts: dict[str, int], rated: int, where: str) -> None:
+    """One warning line when answers were cut for the judge or the embedder (the rows say which)."""
+    if counts["judge_cut"] or counts["embedder_cut"]:
+        log.warning("%s: of %d rated answers the judge saw %d cut (judging.max_answer_tokens: first and last halves "
+                    "kept) and the embedder %d (its window: the start kept); the rows say which "
+                    "(judge_saw_whole, embedder_saw_whole)", where, rated, counts["judge_cut"], counts["embedder_cut"])
 
 
 def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: DialogueConfig, judging: JudgingConfig,
@@ -112,4 +129,5 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: Di
         s.update(rater=rater, rater_model=models[rater].name, ratee_model=models[ratee].name,
                  seconds=round(seconds, 2))
         summary["models"][ratee] = s
+        warn_cut(s, s["rated"], f"round {round_idx} rating of the {ratee}")
     return summary

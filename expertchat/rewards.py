@@ -82,6 +82,12 @@ class Embedder:
                                 normalize_embeddings=True, show_progress_bar=False)
         return emb.float().cpu()
 
+    def fits(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text fits the embedder's window (``max_seq_length`` tokens, special tokens included):
+        a longer one is embedded from its start only."""
+        limit = self.model.max_seq_length
+        return [len(ids) <= limit for ids in self.model.tokenizer(list(texts))["input_ids"]] if texts else []
+
     def similarity(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
         """Cosine similarity of ``a[i]`` and ``b[i]``, both encoded in one batch."""
         if len(a) != len(b):
@@ -142,6 +148,7 @@ class RewardParts:
     similarity: float | None
     reward: float | None
     similarity_status: str  # computed | empty_wim | empty_answer | not_used (zeta == 0) | skipped
+    embedder_saw_whole: bool | None = None  # computed similarity: whether the answer fit the embedder's window
 
     def to_json(self) -> dict[str, Any]:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -151,6 +158,7 @@ def rewards(judgements: Sequence[Judgement], answers: Sequence[str], cfg: Reward
             embedder: Embedder | None) -> list[RewardParts]:
     """The reward parts of each judged answer; similarities are encoded in one batch."""
     sims: list[float | None] = [None] * len(judgements)
+    fits: list[bool | None] = [None] * len(judgements)
     status = ["not_used"] * len(judgements)
     todo = []
     for i, (j, ans) in enumerate(zip(judgements, answers)):
@@ -167,13 +175,15 @@ def rewards(judgements: Sequence[Judgement], answers: Sequence[str], cfg: Reward
     if todo:
         if embedder is None:
             raise ValueError("rewards() needs an embedder when reward.zeta > 0")
-        for i, s in zip(todo, embedder.similarity([answers[i] for i in todo], [judgements[i].wim for i in todo])):
-            sims[i], status[i] = s, "computed"
+        texts = [answers[i] for i in todo]
+        for i, s, whole in zip(todo, embedder.similarity(texts, [judgements[i].wim for i in todo]),
+                               embedder.fits(texts)):
+            sims[i], status[i], fits[i] = s, "computed", whole
     out = []
-    for j, sim, st in zip(judgements, sims, status):
+    for j, sim, st, whole in zip(judgements, sims, status, fits):
         value = combine(j.score, sim if cfg.zeta > 0 else 0.0, cfg.zeta)
         out.append(RewardParts(score=j.score, rating=None if j.score is None else rating_of(j.score),
-                               similarity=sim, reward=value, similarity_status=st))
+                               similarity=sim, reward=value, similarity_status=st, embedder_saw_whole=whole))
     return out
 
 

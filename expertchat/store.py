@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +24,8 @@ from expertchat.errors import ExpertChatError
 
 CONFIG_FILE = "config.yaml"  # the resolved config of the last run into the folder
 RESUMES_FILE = "resumes.jsonl"  # forced resumes with a changed config (resume=force)
+SCRATCH_DIR = ".scratch"  # working folders of the current run (the trainer's output_dir); never outlives a run
+_TEMP_FILE = re.compile(r"^\..+\.tmp\d+$")  # write_text's temporary file: .<name>.tmp<pid>
 
 
 class RunStore:
@@ -67,6 +71,45 @@ class RunStore:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+    def scratch(self) -> Path:
+        """The run's scratch folder (``.scratch``), created on demand; :meth:`clean_leftovers` removes it."""
+        path = self.path(SCRATCH_DIR)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def publish(self, folder: Path, name: str, written_in: Path | None = None) -> None:
+        """Move a folder written in full (under :meth:`scratch`) into place as ``name``, replacing what was there:
+        a kill leaves the old folder or none, never a half-written one. ``written_in``: the scratch folder it was
+        written in, removed afterwards."""
+        import shutil
+
+        target = self.path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(folder, target)
+        if written_in is not None:
+            shutil.rmtree(written_in, ignore_errors=True)
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what a killed run can leave and nothing reads: temporary files of :meth:`write_text`
+        (``.<name>.tmp<pid>``, anywhere in the folder) and the scratch folder. Call it at the start of a run,
+        before anything is written (two runs into one folder at once are not supported).
+
+        Returns:
+            the removed paths, relative to the run folder.
+        """
+        removed = []
+        for path in sorted(self.root.rglob(".*.tmp*")):
+            if _TEMP_FILE.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(str(path.relative_to(self.root)))
+        scratch = self.path(SCRATCH_DIR)
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(SCRATCH_DIR)
+        return removed
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -122,10 +165,16 @@ class RunStore:
     def done(self, round_idx: int, stage: str) -> bool:
         return self._marker(round_idx, stage).exists()
 
-    def begin(self, round_idx: int, stage: str, files: list[str]) -> None:
-        """Start (or restart) a stage: records of this round left by an interrupted attempt are moved aside."""
+    def begin(self, round_idx: int, stage: str, files: list[str]) -> dict[str, int]:
+        """Start (or restart) a stage: records of this round left by an interrupted attempt (and lines cut by a
+        kill) are moved to ``<file>.incomplete.jsonl``.
+
+        Returns:
+            ``{file: number of lines moved aside}`` for each file that had any (empty for a fresh stage).
+        """
         if self.done(round_idx, stage):
             raise RuntimeError(f"stage {stage} of round {round_idx} is already complete")
+        moved: dict[str, int] = {}
         for name in files:
             path = self.path(name)
             if not path.exists():
@@ -142,7 +191,10 @@ class RunStore:
                 aside = path.with_name(path.stem + ".incomplete.jsonl")
                 with aside.open("a", encoding="utf-8") as f:
                     f.writelines(stale)
+                    f.flush()
                 self.write_text(name, "".join(keep))
+                moved[name] = len(stale)
+        return moved
 
     def finish(self, round_idx: int, stage: str, summary: dict[str, Any] | None = None) -> None:
         """Mark a stage complete, with a small summary of what it produced and the process's peak memory so far."""

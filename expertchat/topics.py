@@ -127,7 +127,10 @@ def from_hf(cfg: TopicsConfig) -> list[str]:
     try:
         ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not available offline"
-        first = first_line(exc, 160) or type(exc).__name__
+        first = first_line(exc, 200) or type(exc).__name__
+        if Path(cfg.dataset).expanduser().exists():  # a local dataset that fails: its real cause
+            raise ExpertChatError(f"dataset at {cfg.dataset} (split {cfg.split}) could not be loaded: "
+                                  f"{type(exc).__name__}: {first}") from exc
         raise ExpertChatError(
             f"dataset '{cfg.dataset}' (split {cfg.split}) is not in the local cache and cannot be downloaded "
             f"here ({first}); use a cached dataset or topics=jsonl"

@@ -24,8 +24,10 @@ TRL is reached through :mod:`expertchat.dpo` only, imported when a model trains 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -166,13 +168,17 @@ def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Di
         log.warning("round %d training: %s spoke no turn in this round's dialogues; not trained", round_idx, role)
         return {"skipped": "no turns of this model in the round's dialogues"}
     seed = seed + 1000 * round_idx + ROLES.index(role)
-    scratch = tempfile.mkdtemp(prefix=f"expertchat-{role}-")  # the Trainer's output_dir: nothing is saved there
+    # The Trainer's output_dir (nothing is saved there), inside the run folder: a killed run's is removed by the
+    # next run into the folder (RunStore.clean_leftovers), never left in the system's temp dir.
+    scratch = tempfile.mkdtemp(prefix=f"{role}-", dir=store.scratch())
     try:
         trainer, reward = _make_trainer(policies, round_idx, role, rows, reward_for, store, tracker,
                                         output_dir=scratch, budget=budget, seed=seed, progress=progress)
         seconds, steps = _run_trainer(policies, trainer, round_idx, role)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the scratch folder itself, once empty
+            os.rmdir(os.path.dirname(scratch))
     # The trainer, its optimizer and TRL's buffers sit in reference cycles: free them now, not at some later
     # collection, so that the next stage (or the partner's training) gets the memory back (GPU memory too).
     del trainer

@@ -28,7 +28,8 @@ def rated(path: Path, **fields) -> tuple[list, list]:
 def test_a_byte_order_mark_is_skipped():
     items, bad = rated(CASES / "utf8-bom" / "bom.jsonl")
     assert [it.meta["id"] for it in items] == ["q1", "q2", "q3"] and bad == []
-    assert topics(CASES / "utf8-bom" / "topics_bom.jsonl") == ["How glaciers record past climate", "Why concrete cracks"]
+    assert topics(CASES / "utf8-bom" / "topics_bom.jsonl") == [
+        "How glaciers record past climate", "Why concrete cracks"]
 
 
 def test_a_raw_line_separator_inside_a_string_is_legal_json():
@@ -47,7 +48,7 @@ def test_jsonl_splits_on_newline_only(tmp_path, char):
 
 
 def test_a_non_utf8_byte_is_one_line_for_topics_and_a_bad_record_for_rating():
-    with pytest.raises(ExpertChatError, match=r"topics_latin1.jsonl:1: not UTF-8: byte 0xe8 at byte 20 of the file .*UTF-8"):
+    with pytest.raises(ExpertChatError, match=r"topics_latin1.jsonl:1: not UTF-8: byte 0xe8 at byte 20 of .*UTF-8"):
         topics(CASES / "non-utf8-bytes" / "topics_latin1.jsonl")
     items, bad = rated(CASES / "non-utf8-bytes" / "latin1.jsonl")
     assert [it.meta["id"] for it in items] == ["q1"]
@@ -92,3 +93,40 @@ def test_lines_that_are_arrays_are_jsonl_not_one_array(tmp_path):
     path.write_text('["a", 1]\n["b", 2]\n')
     records = read_records(path)
     assert not records.array and [v for _, v in records.good] == [["a", 1], ["b", 2]]
+
+
+def test_long_answers_say_they_were_cut_and_the_judge_sees_their_ends(smol_tokenizer, tmp_path, monkeypatch,
+                                                                     caplog):
+    """tests/data/cases/silent-answer-truncation: two long answers with the same start and opposite endings.
+    The judge reads each one's first and last halves, so they no longer score the same; every row says that the
+    judge (and the embedder) saw it cut, with its token count; the summary counts them and the log warns."""
+    import torch
+
+    from expertchat.config import ExpertChatConfig, JudgingConfig, ModelConfig, RewardConfig
+    from expertchat.models import LoadedModel
+    from tests.conftest import make_tiny_model, smollm2_config
+
+    class ShortWindowEmbedder:
+        def fits(self, texts):
+            return [len(t) < 1000 for t in texts]
+
+        def similarity(self, a, b):
+            return [0.5 for _ in a]
+
+    tiny = LoadedModel("tiny", make_tiny_model(smol_tokenizer, dtype=torch.float32), smol_tokenizer,
+                       ModelConfig(name="tiny"))
+    monkeypatch.setattr("expertchat.models.load_model", lambda cfg: tiny)
+    monkeypatch.setattr("expertchat.rewards.load_embedder", lambda cfg: ShortWindowEmbedder())
+    cfg = ExpertChatConfig(mode="rate", judge=smollm2_config(),
+                           rate=RateConfig(input=str(CASES / "silent-answer-truncation" /
+                                                                  "long_answers.jsonl"), bootstrap=0),
+                           judging=JudgingConfig(max_answer_tokens=64, wim_max_new_tokens=4), reward=RewardConfig(),
+                           run_dir=str(tmp_path / "run"))
+    summary = rate.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "ratings.jsonl").read_text().splitlines()]
+    assert all(r["judge_saw_whole"] is False and r["answer_tokens"] == 64 and r["answer_total_tokens"] > 64
+               for r in rows)
+    assert all(r["embedder_saw_whole"] is False for r in rows)
+    assert rows[0]["score"] != rows[1]["score"]  # the endings differ, and the judge read them
+    assert summary["judge_cut"] == 2 and summary["embedder_cut"] == 2
+    assert "the judge saw 2 cut" in caplog.text

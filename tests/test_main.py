@@ -162,3 +162,23 @@ def test_an_unquoted_value_names_the_override_and_how_to_quote_it(tmp_path):
     assert "\"topics.field='turns[0]'\"" in proc.stderr
     proc = run_cli(f"hydra.run.dir={tmp_path}", "experiment=smoke")
     assert proc.returncode == 2 and "use +experiment=smoke" in proc.stderr
+
+
+def test_secrets_from_the_environment_reach_no_output_file(tmp_path):
+    """W&B keys and HF tokens come from the environment only: none of a run's files (configs, logs, records,
+    the offline W&B run) holds them."""
+    secrets = {"WANDB_API_KEY": "wandb-secret-7f3a9c1e5b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a",
+               "HF_TOKEN": "hf_SecretTokenXq9Zr7Lp5Mn3Kb1Vc8Wd6Ye4", "HUGGING_FACE_HUB_TOKEN": "hf_OtherSecretAb12Cd34"}
+    out = tmp_path / "run"
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={out}", "tracker=wandb",
+                   env={**secrets, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((out / "wandb").glob("offline-run-*")), "the offline W&B run is in the run folder"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        data = path.read_bytes()
+        for name, value in secrets.items():
+            assert value.encode() not in data, f"{name} found in {path.relative_to(out)}"
+    for name, value in secrets.items():
+        assert value not in proc.stdout + proc.stderr, f"{name} printed"

@@ -134,3 +134,22 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
     with pytest.raises(ExpertChatError):
         resolve_dtype("int3")
+
+
+def test_a_turn_stops_where_the_chat_template_ends_a_message(smol_tokenizer):
+    """Llama-3's template ends a message with <|eot_id|>, not its EOS: that token stops a turn too."""
+    import copy
+    import json
+
+    from expertchat.models import stop_ids, template_end_ids
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]})
+    tok.chat_template = json.loads((DATA / "chat_templates" / "llama3_8b_instruct.json").read_text())["chat_template"]
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot != tok.eos_token_id and template_end_ids(tok) == [eot]
+    assert eot in stop_ids(None, tok) and tok.eos_token_id in stop_ids(None, tok)
+    assert template_end_ids(smol_tokenizer) == [smol_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    plain = copy.deepcopy(smol_tokenizer)
+    plain.chat_template = None
+    assert template_end_ids(plain) == []

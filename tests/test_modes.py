@@ -7,6 +7,7 @@ import pytest
 from expertchat import modes, pipeline, tracking
 from expertchat.config import ExpertChatConfig, RateConfig
 from expertchat.errors import ExpertChatError
+from tests.conftest import smollm2_config
 
 
 class RecordingTracker(tracking.Tracker):
@@ -43,7 +44,8 @@ def test_a_mode_that_fails_marks_its_tracker_failed(recorder, monkeypatch, tmp_p
 
 
 def test_bad_rate_input_stops_before_a_tracker_exists(recorder, tmp_path):
-    cfg = ExpertChatConfig(mode="rate", rate=RateConfig(input=str(tmp_path / "missing.jsonl")), run_dir=str(tmp_path))
+    cfg = ExpertChatConfig(mode="rate", judge=smollm2_config(),
+                           rate=RateConfig(input=str(tmp_path / "missing.jsonl")), run_dir=str(tmp_path))
     with pytest.raises(ExpertChatError, match="rate.input not found"):
         modes.run(cfg)
     assert recorder.finished == []  # never opened, so never marked failed

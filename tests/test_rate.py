@@ -16,7 +16,7 @@ from expertchat import rate
 from expertchat.config import ExpertChatConfig, JudgingConfig, ModelConfig, RateConfig, RewardConfig
 from expertchat.errors import ExpertChatError
 from expertchat.models import LoadedModel
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, smollm2_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_rate_mode_writes_rows_and_summary(tmp_path, smol_tokenizer, monkeypatch
                        ModelConfig(name="tiny"))
     monkeypatch.setattr("expertchat.models.load_model", lambda cfg: tiny)
     path = write_jsonl(tmp_path / "in.jsonl", RECORDS)
-    cfg = ExpertChatConfig(mode="rate", rate=RateConfig(input=str(path), bootstrap=200),
+    cfg = ExpertChatConfig(mode="rate", judge=smollm2_config(), rate=RateConfig(input=str(path), bootstrap=200),
                            judging=JudgingConfig(batch_size=2), reward=RewardConfig(zeta=0.0),
                            run_dir=str(tmp_path / "run"))
     summary = rate.run(cfg)
@@ -98,7 +98,8 @@ def test_rate_mode_writes_rows_and_summary(tmp_path, smol_tokenizer, monkeypatch
 
 def test_a_file_without_a_good_record_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"question": "q"}])
-    cfg = ExpertChatConfig(mode="rate", rate=RateConfig(input=str(path)), run_dir=str(tmp_path / "run"))
+    cfg = ExpertChatConfig(mode="rate", judge=smollm2_config(),
+                           rate=RateConfig(input=str(path)), run_dir=str(tmp_path / "run"))
     with pytest.raises(ExpertChatError, match=r"no record to rate .*2 bad records \(line 1: not valid JSON"):
         rate.run(cfg)
 
@@ -108,7 +109,7 @@ def test_rating_into_a_dialogue_run_folder_is_refused_and_keeps_its_ratings(tmp_
     run = tmp_path / "run"
     run.mkdir()
     (run / "ratings.jsonl").write_text('{"rater": "judge"}\n')
-    cfg = ExpertChatConfig(mode="rate", rate=RateConfig(input=str(path)), run_dir=str(run))
+    cfg = ExpertChatConfig(mode="rate", judge=smollm2_config(), rate=RateConfig(input=str(path)), run_dir=str(run))
     with pytest.raises(ExpertChatError, match="holds the ratings of a dialogue run"):
         rate.run(cfg)
     assert (run / "ratings.jsonl").read_text() == '{"rater": "judge"}\n'

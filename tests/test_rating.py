@@ -14,6 +14,9 @@ from tests.conftest import make_tiny_model
 
 
 class FakeEmbedder:
+    def fits(self, texts):
+        return [True for _ in texts]
+
     def similarity(self, a, b):
         return [0.5 for _ in a]
 

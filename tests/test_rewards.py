@@ -62,6 +62,9 @@ class FakeEmbedder:
     def __init__(self, value=0.3):
         self.value, self.calls = value, 0
 
+    def fits(self, texts):
+        return [True for _ in texts]
+
     def similarity(self, a, b):
         self.calls += 1
         return [self.value] * len(a)
