@@ -7,6 +7,7 @@ traceback instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -43,6 +44,25 @@ def app(cfg: DictConfig) -> None:
         modes.run(to_config(cfg))
     except ExpertChatError as exc:
         fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        fail(write_error(exc))
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
+
+
+def write_error(exc: OSError) -> str:
+    """One line for a run folder that cannot be written (full disk, read-only, no permission, quota). Files are
+    written whole and renamed into place, so nothing half-written is left; rerunning resumes.
+
+    >>> write_error(OSError(28, "No space left on device", "/runs/a/ratings.jsonl"))
+    'cannot write /runs/a/ratings.jsonl: No space left on device; free space or choose another folder (hydra.run.dir=...), then rerun into the same folder to resume'
+    """
+    where = exc.filename or "the run folder"
+    return (f"cannot write {where}: {exc.strerror}; free space or choose another folder (hydra.run.dir=...), then "
+            f"rerun into the same folder to resume")
 
 
 def preflight(overrides: list[str]) -> None:

@@ -106,3 +106,24 @@ def test_a_local_dataset_that_fails_gives_its_real_cause(tmp_path, capsys):
 
 def test_the_table_covers_at_least_thirty_inputs():
     assert len(CASES) + len(GPU_ONLY) + 1 >= 30
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """ENOSPC while a stage writes: one line naming the file and the fix, exit 2 (not a traceback)."""
+    import errno
+
+    from omegaconf import OmegaConf
+
+    from expertchat import modes
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ratings.jsonl"))
+
+    monkeypatch.setattr(modes, "run", full)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = OmegaConf.structured(compose_cfg())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.app.__wrapped__(cfg)
+    line = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and line.count("\n") == 0
+    assert f"cannot write {tmp_path / 'ratings.jsonl'}: No space left on device" in line
