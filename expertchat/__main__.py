@@ -57,8 +57,8 @@ def write_error(exc: OSError) -> str:
     """One line for a run folder that cannot be written (full disk, read-only, no permission, quota). Files are
     written whole and renamed into place, so nothing half-written is left; rerunning resumes.
 
-    >>> write_error(OSError(28, "No space left on device", "/runs/a/ratings.jsonl"))
-    'cannot write /runs/a/ratings.jsonl: No space left on device; free space or choose another folder (hydra.run.dir=...), then rerun into the same folder to resume'
+    >>> write_error(OSError(28, "No space left on device", "/runs/a/ratings.jsonl")).split(";")[0]
+    'cannot write /runs/a/ratings.jsonl: No space left on device'
     """
     where = exc.filename or "the run folder"
     return (f"cannot write {where}: {exc.strerror}; free space or choose another folder (hydra.run.dir=...), then "

@@ -73,14 +73,31 @@ def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] 
     """
     if not store.path(TOPICS_FILE).exists():
         topics = early or load_topics(cfg, count, model=model, generation=generation, seed=seed)
-        store.write_json(TOPICS_FILE, topics)
+        store.write_json(TOPICS_FILE, fit_topics(topics, model.tokenizer, model.cfg.max_length))
     topics = store.read_json(TOPICS_FILE)
     if len(topics) < count:
         more = load_topics(cfg, count, model=model, generation=generation, seed=seed)
-        topics += more[len(topics):]
+        topics += fit_topics(more[len(topics):], model.tokenizer, model.cfg.max_length)
         store.write_json(TOPICS_FILE, topics)
         log.info("%s extended to %d topics (%d dialogues in all)", TOPICS_FILE, len(topics), count)
     return topics
+
+
+def fit_topics(topics: list[str], tokenizer: Any, max_length: int) -> list[str]:
+    """Each topic cut to at most a quarter of the model's context (``<model>.max_length`` tokens), on a token
+    boundary, so that the personas and the dialogue around it fit; one warning counts the topics cut. (The
+    prompt of a turn is otherwise cut from the left, and a huge topic would push the persona out.)"""
+    budget = max(16, max_length // 4)
+    out, cut = [], 0
+    for topic in topics:
+        ids = tokenizer(topic, add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:
+            topic, cut = tokenizer.decode(ids[:budget], skip_special_tokens=True).strip(), cut + 1
+        out.append(topic)
+    if cut:
+        log.warning("%d of %d topics were longer than %d tokens (a quarter of the model's max_length) and were cut "
+                    "to fit the dialogue's context", cut, len(topics), budget)
+    return out
 
 
 def get_field(record: Any, path: str) -> Any:

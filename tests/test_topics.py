@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from expertchat.config import TopicsConfig
 from expertchat.errors import ExpertChatError
@@ -69,3 +71,25 @@ def test_hf_dataset_not_cached_is_a_clear_error(monkeypatch, tmp_path):
 def test_first_sentence():
     assert first_sentence('"The ethics of AI." And more') == "The ethics of AI."
     assert first_sentence("no stop") == "no stop"
+
+
+@given(st.lists(st.text(min_size=1, max_size=3000), min_size=1, max_size=4))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_topics_of_any_unicode_and_length_fit_the_context(smol_tokenizer, texts):
+    """Any unicode, any length: every topic comes back as a string of at most a quarter of the context."""
+    from expertchat.topics import fit_topics
+
+    out = fit_topics(texts, smol_tokenizer, max_length=256)
+    assert len(out) == len(texts) and all(isinstance(t, str) for t in out)
+    assert all(len(smol_tokenizer(t, add_special_tokens=False)["input_ids"]) <= 64 + 2 for t in out)
+    assert [t for t, s in zip(out, texts) if len(smol_tokenizer(s, add_special_tokens=False)["input_ids"]) <= 64] \
+        == [s for s in texts if len(smol_tokenizer(s, add_special_tokens=False)["input_ids"]) <= 64]
+
+
+def test_a_very_long_topic_is_cut_with_a_warning(smol_tokenizer, caplog):
+    from expertchat.topics import fit_topics
+
+    long = "Why the Byzantine Empire lasted a thousand years after the fall of Rome. " * 200
+    out = fit_topics([long, "Soil carbon"], smol_tokenizer, max_length=2048)
+    assert out[1] == "Soil carbon" and len(smol_tokenizer(out[0])["input_ids"]) <= 512 + 2
+    assert out[0].startswith("Why the Byzantine Empire") and "1 of 2 topics were longer than 512 tokens" in caplog.text
