@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -124,10 +125,26 @@ def check_renamed(args: list[str]) -> None:
             fail(f"{key.lstrip('+~')} was renamed to {renamed(key)}: use {renamed(key)}={value}")
 
 
+def check_run_dir(args: list[str]) -> None:
+    """The run folder (``hydra.run.dir``, else ``outputs/``) must take a file before Hydra writes its config and
+    log there: a read-only or full disk is one line here, not a traceback from Hydra's logging set-up."""
+    if any(a.startswith("-") for a in args):
+        return  # a sweep writes under hydra.sweep.dir; --help, --cfg and the like write nothing
+    given = [a.partition("=")[2] for a in args if a.startswith("hydra.run.dir=")]
+    path = Path(given[-1] if given else "outputs").expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        fail(write_error(OSError(exc.errno, exc.strerror, str(path))))
+
+
 def main() -> None:
     args = sys.argv[1:]
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         check_renamed(args)
+        check_run_dir(args)
     if not any(a.startswith("-") for a in args) and os.environ.get("HYDRA_FULL_ERROR") != "1":
         preflight(args)
     app()

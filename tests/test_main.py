@@ -182,3 +182,18 @@ def test_secrets_from_the_environment_reach_no_output_file(tmp_path):
             assert value.encode() not in data, f"{name} found in {path.relative_to(out)}"
     for name, value in secrets.items():
         assert value not in proc.stdout + proc.stderr, f"{name} printed"
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path):
+    """A run folder on a read-only file system: one line naming it, not a traceback from Hydra's log handler."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        proc = run_cli("+experiment=smoke", f"hydra.run.dir={ro / 'run'}")
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"cannot write {ro / 'run'}: Read-only file system" in lines[0]

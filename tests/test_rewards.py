@@ -243,3 +243,17 @@ def test_bad_judge_text_gives_a_bounded_reward_or_a_counted_skip(tiny_lm, monkey
         else:
             assert j.status == "skipped" and p.reward is None
     assert judge.counts["neutral" if on_failure == "neutral" else "skipped"] == 4
+
+
+@given(st.text(max_size=5000), st.floats(min_value=0, max_value=1), st.floats(min_value=-1, max_value=1))
+@settings(max_examples=300, deadline=None)
+def test_any_judge_text_gives_a_finite_bounded_reward_or_none(text, zeta, similarity):
+    """Judge replies of any unicode and length, read as parse mode reads them: the reward is finite in [-1, 1],
+    or None when no verdict can be read (a counted skip, never a silent 0)."""
+    from expertchat.scoring import clean_wim, parse_rating
+
+    score = parse_rating(text)
+    wim, empty, _ = clean_wim(text, 400)
+    value = combine(score, 1.0 if empty else similarity, zeta)
+    assert value is None if score is None else (math.isfinite(value) and -1 <= value <= 1)
+    assert len(wim) <= 400
