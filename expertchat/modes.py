@@ -1,8 +1,9 @@
 """``mode=...``: which module runs the job, inside one tracker that is finished in every case.
 
-Each mode is a module with ``run(cfg, tracker) -> summary`` and ``check(cfg)``, which validates its input before
-the tracker opens: ``run`` is the dialogue -> rating -> training loop (``pipeline.py``), ``rate`` rates answers
-from a file (``rate.py``). A new mode is one more entry of ``config.MODES``.
+Each mode is a module with ``check(cfg) -> checked``, which validates (and reads) its input before the
+tracker opens, and ``run(cfg, tracker, checked) -> summary``, which uses what ``check`` read instead of reading it
+again. ``run`` is the dialogue -> rating -> training loop (``pipeline.py``), ``rate`` rates answers from a file
+(``rate.py``). A new mode is one more entry of ``config.MODES``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
         The mode's summary.
     """
     module = importlib.import_module(MODES[cfg.mode])
-    module.check(cfg)  # bad input stops here, before a tracker run exists
+    checked = module.check(cfg)  # bad input stops here, before a tracker run exists
     console.quiet_libraries(cfg.progress)
     for line in console.config_lines(cfg, _choices()):
         log.info("%s", line)
@@ -45,7 +46,7 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
         log.warning("%s", cfg.judging.same_signal_warning())
     tracker = tracking.make_tracker(cfg.tracker, cfg.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
     try:
-        summary = module.run(cfg, tracker)
+        summary = module.run(cfg, tracker, checked)
     except BaseException:
         tracker.finish(exit_code=1)
         raise

@@ -72,8 +72,10 @@ def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list]]:
     return early, forced
 
 
-def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]:
+def run(cfg: ExpertChatConfig, tracker: Tracker | None = None,
+        checked: tuple[list[str] | None, dict[str, list]] | None = None) -> dict[str, Any]:
     """Run the experiment described by ``cfg`` in ``cfg.run_dir``; return the last round's stage summaries.
+    ``checked``: what :func:`check` returned (``modes.run`` checks first); ``None`` checks here.
 
     Raises:
         ExpertChatError: bad input (before anything is written) or a stage that failed (earlier stages' files
@@ -81,7 +83,7 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
     """
     start = time.perf_counter()
     store = RunStore(cfg.run_dir)
-    early, forced = check(cfg)
+    early, forced = checked if checked is not None else check(cfg)
     earlier = _earlier_work(store)
     leftovers = store.clean_leftovers()  # before anything is written: a killed run's temporary files
     store.record_config(OmegaConf.to_container(OmegaConf.structured(cfg)), forced)

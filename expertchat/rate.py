@@ -182,9 +182,11 @@ def check(cfg: ExpertChatConfig) -> tuple[list[RatingItem], list[dict]]:
     return items, bad
 
 
-def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]:
+def run(cfg: ExpertChatConfig, tracker: Tracker | None = None,
+        checked: tuple[list[RatingItem], list[dict]] | None = None) -> dict[str, Any]:
     """Rate ``cfg.rate.input`` with ``cfg.judge`` and write ``ratings.jsonl`` and ``rate_summary.json``; the
     summary's means also go to ``tracker`` (as ``rate/<name>`` at step 0, and the run's summary).
+    ``checked``: what :func:`check` returned (``modes.run`` checks first); ``None`` reads the input here.
 
     Raises:
         ExpertChatError: the input is missing or holds no good record, or the folder holds a dialogue run.
@@ -194,7 +196,7 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None) -> dict[str, Any]
 
     tracker = tracker or Tracker()
     store = RunStore(cfg.run_dir)
-    items, bad = check(cfg)
+    items, bad = checked if checked is not None else check(cfg)  # modes.run has read the input already
     for b in bad[:20]:
         log.warning("%s:%d: %s (counted as a bad record)", cfg.rate.input, b["line"], b["reason"])
     lm = load_model(cfg.judge)

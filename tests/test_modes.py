@@ -27,13 +27,14 @@ def recorder(monkeypatch):
 
 def test_a_mode_that_returns_finishes_its_tracker(recorder, monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "check", lambda cfg: (None, {}))
-    monkeypatch.setattr(pipeline, "run", lambda cfg, tracker: {"ok": tracker is recorder})
+    monkeypatch.setattr(pipeline, "run",
+                        lambda cfg, tracker, checked: {"ok": tracker is recorder and checked == (None, {})})
     assert modes.run(ExpertChatConfig(run_dir=str(tmp_path))) == {"ok": True}
     assert recorder.finished == [0]
 
 
 def test_a_mode_that_fails_marks_its_tracker_failed(recorder, monkeypatch, tmp_path):
-    def boom(cfg, tracker):
+    def boom(cfg, tracker, checked):
         raise ExpertChatError("the judge failed")
 
     monkeypatch.setattr(pipeline, "check", lambda cfg: (None, {}))
