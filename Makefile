@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE = 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-e2e test-slow test-all bench clean
+.PHONY: run test test-e2e test-slow test-slurm test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ test-e2e: $(VENV)/.installed-dev       # end to end: the CLI in subprocesses, th
 
 test-slow: $(VENV)/.installed-dev      # learning: the embedded SmolLM2 learning an easy reward through the training stage
 	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
+
+test-slurm: $(VENV)/.installed-dev    # sweeps on a real Slurm: needs launchers/local_slurm.sh start (root) first
+	$(PY) -m pytest -m "slurm" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

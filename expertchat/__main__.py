@@ -39,16 +39,29 @@ def fail(message: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
-    from expertchat import modes
+    from expertchat import jobs, modes
 
+    job = jobs.current_job(default_dir=cfg.get("run_dir"))
+    threads = jobs.cpu_threads()  # the CPUs this job was given, never the node's core count
+    jobs.set_threads(threads)
+    status = jobs.JobStatus(job.run_dir, job.overrides, threads)
+    status.start()
     try:
         modes.run(to_config(cfg))
-    except ExpertChatError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRORS:
+    except (ExpertChatError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in WRITE_ERRORS:
+            status.end(f"{type(exc).__name__}: {first_line(exc)}")
             raise
-        fail(write_error(exc))
+        message = str(exc) if isinstance(exc, ExpertChatError) else write_error(exc)
+        status.end(message)
+        if job.multirun:  # raise, not exit: Hydra records the failure and the sweep's other jobs run
+            log.error("%s", message)
+            raise jobs.JobFailed(f"job {job.num} ({' '.join(job.overrides)}): {message}") from None
+        fail(message)
+    except BaseException as exc:
+        status.end(f"{type(exc).__name__}: {first_line(exc)}")
+        raise
+    status.end()
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
@@ -140,14 +153,101 @@ def check_run_dir(args: list[str]) -> None:
         fail(write_error(OSError(exc.errno, exc.strerror, str(path))))
 
 
+def first_job(args: list[str]) -> tuple[list[str], list[str]] | None:
+    """A multirun's overrides with each sweep replaced by its first value (the first job's config, checked before
+    anything is submitted), and the swept keys; None when a sweep cannot be expanded here (e.g. ``glob``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, job, swept = OverridesParser.create(), [], []
+    for arg in (a for a in args if not a.startswith("-")):
+        try:
+            (override,) = parser.parse_overrides([arg])
+            if override.is_sweep_override():
+                job.append(f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}")
+                swept.append(override.get_key_element().lstrip("+~"))
+            else:
+                job.append(arg)
+        except StopIteration:
+            job.append(arg)
+        except Exception:  # noqa: BLE001 - Hydra's grammar errors: preflight reports them; glob needs Hydra's loader
+            if "," in arg or "(" in arg:
+                return None
+            job.append(arg)
+    return job, swept
+
+
+def check_launcher(args: list[str]) -> None:
+    """A Slurm launcher profile needs the submitit plugin and a Slurm that answers: else one line saying how to
+    start the local cluster or pick another launcher."""
+    import shutil
+    import subprocess
+
+    profile = next((a.partition("=")[2] for a in reversed(args) if a.startswith("hydra/launcher=")), None)
+    path = Path(CONF_DIR, "hydra", "launcher", f"{profile}.yaml")
+    if profile is None or not path.exists() or "submitit_slurm" not in path.read_text():
+        return  # the basic launcher, or an unknown profile (preflight names the choices)
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        fail(f"hydra/launcher={profile} needs the submitit launcher: pip install 'expertchat[slurm]'")
+    how = ("start the local cluster (launchers/local_slurm.sh start)" if profile == "slurm_local"
+           else "submit from a login node of the cluster")
+    if shutil.which("sbatch") is None:
+        fail(f"hydra/launcher={profile} needs Slurm, but sbatch is not on PATH: {how}, or drop hydra/launcher=... "
+             f"to run the sweep's jobs here one after another")
+    try:
+        subprocess.run(["squeue", "-h", "-o", "%i"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        said = first_line(getattr(exc, "stderr", b"").decode(errors="replace")) if getattr(exc, "stderr", None) \
+            else first_line(exc)
+        fail(f"hydra/launcher={profile}: Slurm does not answer (squeue: {said}): {how}, or drop "
+             f"hydra/launcher=... to run the sweep's jobs here one after another")
+
+
+def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
+    """Print the sweep's table of jobs (jobs.sweep_lines) and exit non-zero when any job did not finish."""
+    from expertchat import jobs
+
+    sweep = jobs.SweepCallback.sweep_dir
+    if sweep is None:  # the sweep never started (a composition error, --help, --cfg)
+        sys.exit(code)
+    for line in jobs.sweep_lines(sweep, swept or None):
+        print(line)
+    failed = jobs.sweep_failed(sweep)
+    if failed:
+        print(f"expertchat: error: {len(failed)} sweep job(s) did not finish: job {', '.join(map(str, failed))} "
+              f"(their status.json and expertchat.log say why); the other jobs' results are in {sweep}",
+              file=sys.stderr)
+        sys.exit(code or 1)
+    sys.exit(code)
+
+
 def main() -> None:
     args = sys.argv[1:]
-    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+    checks = os.environ.get("HYDRA_FULL_ERROR") != "1"
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if checks:
         check_renamed(args)
         check_run_dir(args)
-    if not any(a.startswith("-") for a in args) and os.environ.get("HYDRA_FULL_ERROR") != "1":
-        preflight(args)
-    app()
+    if not multirun:
+        if checks and not any(a.startswith("-") for a in args):
+            preflight(args)
+        app()
+        return
+    job = first_job(args)
+    if checks:
+        check_launcher(args)
+        if job is not None:
+            preflight(job[0])
+    from expertchat import jobs
+
+    logging.getLogger("submitit").addFilter(jobs.QuietSacct())
+    try:
+        app()
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    end_sweep(code, job[1] if job else None)
 
 
 if __name__ == "__main__":

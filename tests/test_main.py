@@ -45,6 +45,9 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     assert {r["model"] for r in json.loads((out / "rewards_by_round.json").read_text())} == {"actor", "judge"}
     assert {s for s in ("dialogue", "rating", "training") if (out / "stages" / f"round_0.{s}.json").exists()} == {
         "dialogue", "rating", "training"}
+    status = json.loads((out / "status.json").read_text())  # every job says how it ended (jobs.py)
+    assert status["status"] == "done" and status["error"] is None and status["threads"] >= 1
+    assert status["overrides"] == ["+experiment=smoke"]  # the task's overrides; hydra.run.dir is Hydra's
     files = {name: (out / name).read_text() for name in ("turns.jsonl", "ratings.jsonl", "train_metrics.jsonl")}
     # rerunning into the same folder resumes: nothing is regenerated or duplicated
     again = run_cli("+experiment=smoke", f"hydra.run.dir={out}")
@@ -58,6 +61,8 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     # a changed config is refused in one line; resume=force goes on and says so in the folder
     changed = run_cli("+experiment=smoke", f"hydra.run.dir={out}", "seed=1")
     assert changed.returncode == 2 and "seed (0 -> 1)" in changed.stderr and "resume=force" in changed.stderr
+    refused = json.loads((out / "status.json").read_text())
+    assert refused["status"] == "failed" and "seed (0 -> 1)" in refused["error"]
     forced = run_cli("+experiment=smoke", f"hydra.run.dir={out}", "seed=1", "resume=force")
     assert forced.returncode == 0 and json.loads((out / "resumes.jsonl").read_text())["changed"]["seed"] == [0, 1]
 
