@@ -211,7 +211,7 @@ def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
     sweep = jobs.SweepCallback.sweep_dir
     if sweep is None:  # the sweep never started (a composition error, --help, --cfg)
         sys.exit(code)
-    for line in jobs.sweep_lines(sweep, swept or None):
+    for line in jobs.sweep_lines(sweep, swept or None, ended=True):
         print(line)
     failed = jobs.sweep_failed(sweep)
     if failed:

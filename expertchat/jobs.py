@@ -137,7 +137,7 @@ def _now() -> str:
 # ------------------------------------------------------------------------------------------- the sweep's table
 
 
-def sweep_jobs(sweep_dir: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def sweep_jobs(sweep_dir: str | os.PathLike[str], ended: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """Each job of a multirun folder and its status, in job order: the expected jobs are the numbered folders
     Hydra made and any job number below the highest; a job without ``status.json`` (killed before it started, or
     written before status files existed) is ``missing``/``no status file``, never guessed.
@@ -150,7 +150,11 @@ def sweep_jobs(sweep_dir: str | os.PathLike[str]) -> Iterator[tuple[int, dict[st
     for num in range(nums[-1] + 1 if nums else 0):
         status_file = root / str(num) / STATUS_FILE
         if status_file.exists():
-            yield num, json.loads(status_file.read_text())
+            status = json.loads(status_file.read_text())
+            if ended and status["status"] == "running":
+                status.update(status="killed", error="ended without recording its end (out of memory, SIGKILL, "
+                                                     "time limit or node failure?): see .submitit/<id>/*.err")
+            yield num, status
         else:
             overrides_file = root / str(num) / ".hydra" / "overrides.yaml"
             overrides = _read_overrides(overrides_file)
@@ -166,10 +170,12 @@ def _read_overrides(path: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)]
 
 
-def sweep_lines(sweep_dir: str | os.PathLike[str], sweep_keys: list[str] | None = None) -> list[str]:
+def sweep_lines(sweep_dir: str | os.PathLike[str], sweep_keys: list[str] | None = None,
+                ended: bool = False) -> list[str]:
     """The table a sweep ends with: one line per job (number, the swept overrides, status, Slurm job id, host,
-    seconds, threads, the error), then a count. ``sweep_keys``: which overrides to show (default: all)."""
-    rows = list(sweep_jobs(sweep_dir))
+    seconds, threads, the error), then a count. ``sweep_keys``: which overrides to show (default: all);
+    ``ended``: the sweep is over, so a job still ``running`` was killed before it could record its end."""
+    rows = list(sweep_jobs(sweep_dir, ended))
     if not rows:
         return [f"no job folders in {sweep_dir}"]
     lines = [f"sweep {sweep_dir}: {len(rows)} job(s)",
@@ -188,7 +194,7 @@ def sweep_lines(sweep_dir: str | os.PathLike[str], sweep_keys: list[str] | None 
 
 def sweep_failed(sweep_dir: str | os.PathLike[str]) -> list[int]:
     """Job numbers of the sweep that did not finish ``done``."""
-    return [num for num, st in sweep_jobs(sweep_dir) if st["status"] != "done"]
+    return [num for num, st in sweep_jobs(sweep_dir, ended=True) if st["status"] != "done"]
 
 
 class JobFailed(CompactHydraException):

@@ -86,6 +86,10 @@ def test_sweep_table_lists_every_job_and_invents_nothing(tmp_path):
     assert "reward.zeta=0.4" in lines[3] and "failed" in lines[3] and "boom: one line" in lines[3]
     assert lines[-1] == "1 done, 1 failed, 1 missing, 1 no status file"
     assert jobs.sweep_failed(tmp_path) == [1, 2, 3]
+    _job(tmp_path, 4, "running", ["+experiment=smoke", "reward.zeta=1.0"])  # killed by SIGKILL: no end recorded
+    assert dict(jobs.sweep_jobs(tmp_path))[4]["status"] == "running"  # maybe still running: nothing guessed
+    assert "killed" in jobs.sweep_lines(tmp_path, ["reward.zeta"], ended=True)[6]
+    assert jobs.sweep_failed(tmp_path) == [1, 2, 3, 4]
     assert jobs.sweep_lines(tmp_path / "nothing") == [f"no job folders in {tmp_path / 'nothing'}"]
 
 
