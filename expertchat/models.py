@@ -249,6 +249,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
+    if cfg.attn_implementation:  # sdpa | eager | flash_attention_2 (None: transformers picks, sdpa where it can)
+        kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -283,7 +285,8 @@ def load_pair(actor: ModelConfig, judge: ModelConfig) -> tuple[LoadedModel, Load
 
 
 def _same_weights(a: ModelConfig, b: ModelConfig) -> bool:
-    keys = ("package", "path", "gguf_file", "dtype", "device", "device_map", "load_in_4bit", "chat_template")
+    keys = ("package", "path", "gguf_file", "dtype", "device", "device_map", "load_in_4bit", "chat_template",
+            "attn_implementation")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 

@@ -129,6 +129,17 @@ def test_same_weights_are_loaded_once(monkeypatch):
     assert calls == ["a", "b"]
 
 
+def test_the_attention_implementation_reaches_the_model(tmp_path, smol_tokenizer):
+    from expertchat.models import load_model
+    from tests.conftest import make_tiny_model
+
+    make_tiny_model(smol_tokenizer).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    for attention in ("eager", "sdpa"):
+        lm = load_model(ModelConfig(name="tiny", path=str(tmp_path), dtype="float32", attn_implementation=attention))
+        assert lm.model.config._attn_implementation == attention
+
+
 def test_resolve_dtype():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
