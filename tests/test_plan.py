@@ -106,8 +106,8 @@ def test_the_seeds_arithmetic_both_models_on_one_4x16gb_node():
     assert not plan.plan(_cfg("hardware.gpus=3"), experts_4bit=True)["fits"]
 
 
-def test_the_flagship_fits_an_a100_node_and_says_which_dtype():
-    cfg = _cfg("hardware=a100_40gb")
+def test_the_flagship_fits_an_a100_node_and_says_which_dtype(tmp_path):
+    cfg = replace(_cfg("hardware=a100_40gb"), run_dir=str(tmp_path))
     result = plan.run(cfg, checked=plan.plan(cfg))
     assert result["fits"] and {m["dtype"] for m in result["models"]} == {"bfloat16"}
     lines = plan.table_lines(cfg, result)
