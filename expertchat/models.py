@@ -92,7 +92,7 @@ def check_model(cfg: ModelConfig, role: str) -> None:
         if value and str(value).startswith("cuda") and not cuda:
             raise ExpertChatError(f"{role}.{key}={value} needs CUDA and this machine has none: set {role}.{key}=null "
                                   f"(cpu)")
-    if cfg.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported() and cfg.device != "cpu":
+    if cfg.dtype == "bfloat16" and cuda and not native_bf16() and cfg.device != "cpu":
         raise ExpertChatError(f"{role}.dtype=bfloat16: this GPU ({torch.cuda.get_device_name()}) has no bf16; set "
                               f"{role}.dtype=float16 or auto")
 
@@ -146,8 +146,16 @@ def resolve_dtype(name: str, device: str = "cpu"):
         except KeyError:
             raise ExpertChatError(f"dtype '{name}' is not one of auto, float32, bfloat16, float16") from None
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def native_bf16() -> bool:
+    """Whether the current CUDA GPU computes bf16 natively (compute capability >= 8.0). Not
+    ``torch.cuda.is_bf16_supported()``: by default it counts emulation and says True on a V100 (7.0)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @lru_cache(maxsize=1)
