@@ -56,7 +56,6 @@ def test_nf4_bytes_per_weight_are_what_bitsandbytes_stores():
 def test_the_weights_bitsandbytes_quantizes_are_the_ones_counted(tmp_path):
     """A tiny random Mixtral loaded in 4 bit on the CPU: the plan's nf4 parameters are the loaded model's
     Params4bit (two codes a byte); embeddings, lm_head, norms, router and fused experts stay as they were."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
 
     pytest.importorskip("bitsandbytes")
@@ -67,10 +66,10 @@ def test_the_weights_bitsandbytes_quantizes_are_the_ones_counted(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
     four_bit = sum(2 * p.numel() for p in loaded.parameters() if type(p).__name__ == "Params4bit")
-    assert shape.quantized == four_bit and shape.params == sum(p.numel() for p in MixtralForCausalLM(config).parameters())
+    assert shape.quantized == four_bit
+    assert shape.params == sum(p.numel() for p in MixtralForCausalLM(config).parameters())
     assert shape.fused_experts == sum(p.numel() for n, p in loaded.named_parameters() if ".experts." in n
                                       and type(p).__name__ != "Params4bit")
-    assert loaded.get_memory_footprint() > 0 and torch.nn.Linear  # loaded for real, not on the meta device
 
 
 def _cfg(*overrides: str):
@@ -93,7 +92,8 @@ def test_fused_moe_experts_stay_16_bit_under_transformers_5():
     if int(transformers.__version__.split(".")[0]) < 5:
         assert shape.fused_experts == 0
         return
-    assert shape.fused_experts == 32 * 8 * 3 * 4096 * 14336 and shape.quantized == 32 * (2 * 4096 ** 2 + 2 * 4096 * 1024)
+    assert shape.fused_experts == 32 * 8 * 3 * 4096 * 14336  # w1, w2, w3 of 8 experts in 32 layers
+    assert shape.quantized == 32 * (2 * 4096 ** 2 + 2 * 4096 * 1024)  # q, o and the grouped k, v projections
     mixtral = plan.plan(_cfg())["models"][0]
     assert 90 * GB < mixtral["weights"] < 93 * GB
 
