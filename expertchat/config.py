@@ -35,10 +35,13 @@ class ModelConfig:
     max_length: int = 2048  # longest prompt fed to the model; longer dialogues are cut from the left
     trust_remote_code: bool = False
     hub_id: Optional[str] = None  # the hub id saved adapters name as their base (default: path, as given)
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice, sdpa)
 
     def __post_init__(self) -> None:
         check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "dtype", f"is '{self.dtype}'; "
                "use auto, float32, bfloat16 or float16")
+        check(self.attn_implementation in {None, *ATTENTION}, "attn_implementation",
+               f"is '{self.attn_implementation}'; use {', '.join(ATTENTION)} or null")
         check(self.max_length > 0, "model.max_length", "must be > 0")
 
 
@@ -252,6 +255,41 @@ class RateConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machine a job runs on (``conf/hardware/``): what ``mode=plan`` plans against, what the GPU-only config
+    rules check, and what the Slurm launcher profiles ask for (``${hardware.gpus}``, ``${hardware.cpus}``,
+    ``${hardware.memory_gb}``). The default, ``cpu``, is this machine without a GPU; 0 means "this machine's own"
+    for ``cpus`` and ``memory_gb``."""
+
+    name: str = "cpu"
+    gpus: int = 0  # per node; 0 = none
+    gpu_memory_gb: float = 0.0  # one GPU's memory in GB (10^9 bytes) as torch reports its total_memory
+    gpu_name: str = "none"
+    compute_capability: float = 0.0  # 0.0 = no GPU; bf16 and FlashAttention 2 need >= 8.0 (V100: 7.0)
+    cpus: int = 0  # CPU cores per node a job may use; 0 = this machine's
+    memory_gb: float = 0.0  # node RAM a job may use, in GB as Slurm counts it (--mem=186G); 0 = this machine's
+
+    def __post_init__(self) -> None:
+        check(self.gpus >= 0, "hardware.gpus", "must be >= 0")
+        check(self.gpus == 0 or self.gpu_memory_gb > 0, "hardware.gpu_memory_gb", "must be > 0 when gpus > 0")
+        check(self.gpus == 0 or self.compute_capability > 0, "hardware.compute_capability",
+               "must be > 0 when gpus > 0 (V100: 7.0, A100: 8.0, H100: 9.0)")
+        check(self.cpus >= 0 and self.memory_gb >= 0, "hardware.cpus", "and hardware.memory_gb must be >= 0")
+
+    def check_model(self, model: ModelConfig, role: str) -> None:
+        """The GPU's own limits on a model's settings: below compute capability 8.0 (V100 = 7.0) there is no bf16
+        (``dtype``, ``bnb_4bit_compute_dtype``) and no FlashAttention 2 (``attn_implementation``)."""
+        if not 0 < self.compute_capability < 8.0:
+            return
+        gpu = f"{self.gpu_name} (hardware={self.name}, compute capability {self.compute_capability})"
+        for key in ("dtype", "bnb_4bit_compute_dtype"):
+            check(getattr(model, key) != "bfloat16", f"{role}.{key}",
+                   f"is bfloat16 but the {gpu} has no bf16: use float16 (or auto for dtype)")
+        check(model.attn_implementation != "flash_attention_2", f"{role}.attn_implementation",
+               f"is flash_attention_2 but the {gpu} has no FlashAttention 2: use sdpa or eager")
+
+
+@dataclass
 class ExpertChatConfig:
     """The whole experiment."""
 
@@ -265,7 +303,8 @@ class ExpertChatConfig:
     judging: JudgingConfig = field(default_factory=JudgingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rate: RateConfig = field(default_factory=RateConfig)
-    mode: str = "run"  # run: the dialogue -> rate -> train loop | rate: rate a JSONL file (rate.input)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    mode: str = "run"  # run: the dialogue -> rate -> train loop | rate: rate a JSONL file (rate.input) | plan: memory
     rounds: int = 1
     seed: int = 0
     run_dir: Optional[str] = "."  # the Hydra job's output folder (conf/config.yaml); null under --cfg (no job)
@@ -281,9 +320,14 @@ class ExpertChatConfig:
         check(self.reward.zeta == 0 or self.judging.wim, "judging.wim",
                f"is false but reward.zeta is {self.reward.zeta}: the WIM part of the reward needs the critique; set "
                f"judging.wim=true or reward=rating_only")
+        self.hardware.check_model(self.actor, "actor")
+        self.hardware.check_model(self.judge, "judge")
 
 
-MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate"}  # mode -> its module (run by expertchat/modes.py)
+# mode -> its module (run by expertchat/modes.py)
+MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate", "plan": "expertchat.plan"}
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # ModelConfig.attn_implementation: transformers' names
 
 # Keys that may differ when a run is resumed into its folder: they change how it shows or how far it goes, not its
 # results (``rounds``: more rounds extend a finished run). Any other difference stops the rerun (resume=auto).

@@ -92,7 +92,7 @@ def check_model(cfg: ModelConfig, role: str) -> None:
         if value and str(value).startswith("cuda") and not cuda:
             raise ExpertChatError(f"{role}.{key}={value} needs CUDA and this machine has none: set {role}.{key}=null "
                                   f"(cpu)")
-    if cfg.dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported() and cfg.device != "cpu":
+    if cfg.dtype == "bfloat16" and cuda and not native_bf16() and cfg.device != "cpu":
         raise ExpertChatError(f"{role}.dtype=bfloat16: this GPU ({torch.cuda.get_device_name()}) has no bf16; set "
                               f"{role}.dtype=float16 or auto")
 
@@ -146,8 +146,16 @@ def resolve_dtype(name: str, device: str = "cpu"):
         except KeyError:
             raise ExpertChatError(f"dtype '{name}' is not one of auto, float32, bfloat16, float16") from None
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def native_bf16() -> bool:
+    """Whether the current CUDA GPU computes bf16 natively (compute capability >= 8.0). Not
+    ``torch.cuda.is_bf16_supported()``: by default it counts emulation and says True on a V100 (7.0)."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @lru_cache(maxsize=1)
@@ -249,6 +257,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
+    if cfg.attn_implementation:  # sdpa | eager | flash_attention_2 (None: transformers picks, sdpa where it can)
+        kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -283,7 +293,8 @@ def load_pair(actor: ModelConfig, judge: ModelConfig) -> tuple[LoadedModel, Load
 
 
 def _same_weights(a: ModelConfig, b: ModelConfig) -> bool:
-    keys = ("package", "path", "gguf_file", "dtype", "device", "device_map", "load_in_4bit", "chat_template")
+    keys = ("package", "path", "gguf_file", "dtype", "device", "device_map", "load_in_4bit", "chat_template",
+            "attn_implementation")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from expertchat.config import (
-    DialogueConfig, ExpertChatConfig, GenerationConfig, JudgingConfig, ModelConfig, RewardConfig, RubricCategory,
-    TopicsConfig, TrackerConfig, TrainingConfig, register, to_config)
+    DialogueConfig, ExpertChatConfig, GenerationConfig, HardwareConfig, JudgingConfig, ModelConfig, RewardConfig,
+    RubricCategory, TopicsConfig, TrackerConfig, TrainingConfig, register, to_config)
 from expertchat.errors import ExpertChatError
 
 CONF = Path(__file__).resolve().parents[1] / "expertchat" / "conf"
@@ -42,7 +42,7 @@ def test_default_config_is_the_embedded_cpu_experiment():
 
 SCHEMA = {"generation": GenerationConfig, "topics": TopicsConfig, "dialogue": DialogueConfig,
           "training": TrainingConfig, "tracker": TrackerConfig, "judging": JudgingConfig, "reward": RewardConfig,
-          "model": ModelConfig}
+          "model": ModelConfig, "hardware": HardwareConfig}
 
 
 def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -95,7 +95,8 @@ def test_every_model_composes_in_both_roles(role, name):
     assert getattr(cfg, role).name == name
 
 
-@pytest.mark.parametrize("group", ["generation", "topics", "dialogue", "training", "tracker", "judging", "reward"])
+@pytest.mark.parametrize("group", ["generation", "topics", "dialogue", "training", "tracker", "judging", "reward",
+                                   "hardware"])
 def test_every_option_of_every_group_composes(group):
     assert options(group), f"conf/{group} is empty"
     for name in options(group):
@@ -197,3 +198,41 @@ def test_two_likelihood_categories_warn_and_the_default_does_not():
     doubled = compose_cfg("judging.rubric.depth.weight=1.0", "judging.rubric.depth.signal=likelihood").judging
     assert "knowledge and depth" in doubled.same_signal_warning() and "67%" in doubled.same_signal_warning()
     assert compose_cfg("judging=rubric").judging.same_signal_warning() is None
+
+
+def test_hardware_profiles_and_the_flagships_choice(monkeypatch):
+    """The default is this machine without a GPU; +experiment=mixtral_vs_llama picks the Beluga node and reads the
+    model folders from the environment (compute nodes have no internet), else the hub ids."""
+    assert compose_cfg().hardware == HardwareConfig() and HardwareConfig().gpus == 0
+    cfg = compose_cfg("+experiment=mixtral_vs_llama")
+    assert (cfg.hardware.name, cfg.hardware.gpus, cfg.hardware.compute_capability) == ("beluga", 4, 7.0)
+    assert cfg.actor.path == cfg.actor.hub_id == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    monkeypatch.setenv("MIXTRAL_PATH", "/project/models/Mixtral-8x7B-Instruct-v0.1")
+    monkeypatch.setenv("LLAMA3_8B_PATH", "/project/models/Meta-Llama-3-8B-Instruct")
+    cfg = compose_cfg("+experiment=mixtral_vs_llama")
+    assert (cfg.actor.path, cfg.judge.path) == ("/project/models/Mixtral-8x7B-Instruct-v0.1",
+                                                "/project/models/Meta-Llama-3-8B-Instruct")
+    assert compose_cfg("+experiment=mixtral_vs_llama", "actor.path=/elsewhere").actor.path == "/elsewhere"
+    assert compose_cfg("hardware=a100_40gb").hardware.compute_capability == 8.0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("actor.dtype=bfloat16", "actor.dtype"),
+    ("judge.dtype=bfloat16", "judge.dtype"),
+    ("actor.bnb_4bit_compute_dtype=bfloat16", "actor.bnb_4bit_compute_dtype"),
+    ("judge.attn_implementation=flash_attention_2", "judge.attn_implementation"),
+])
+def test_a_v100_has_no_bf16_and_no_flash_attention(override, key):
+    """Compute capability 7.0: a bf16 or FlashAttention 2 setting is one line naming the key; on an A100 (8.0)
+    and on the CPU profile (no GPU: the run itself decides) the same settings compose."""
+    with pytest.raises(ExpertChatError, match=key.replace(".", r"\.")) as info:
+        compose_cfg("+experiment=mixtral_vs_llama", override)
+    assert "\n" not in str(info.value) and "V100" in str(info.value)
+    compose_cfg("+experiment=mixtral_vs_llama", "hardware=a100_40gb", override)
+    compose_cfg(override)
+
+
+def test_attention_implementation_is_checked():
+    with pytest.raises(ExpertChatError, match="attn_implementation"):
+        compose_cfg("actor.attn_implementation=flash")
+    assert compose_cfg("actor.attn_implementation=eager").actor.attn_implementation == "eager"

@@ -60,7 +60,7 @@ CASES = [
     (["training.method=full", "training.reference=base"], "training.reference =base needs training.method=lora"),
     (["rounds=0"], "rounds must be > 0"),
     (["topics.n=0"], "topics.n must be > 0"),
-    (["mode=plan"], "mode is 'plan'; use one of run, rate"),
+    (["mode=judge"], "mode is 'judge'; use one of run, rate"),
     (["mode=rate"], "rate.input is not set"),
     (["mode=rate", "rate.input=/nonexistent/answers.jsonl"], "rate.input not found: /nonexistent/answers.jsonl"),
     (["topics=jsonl"], "topics.path is not set"),

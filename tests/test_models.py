@@ -129,6 +129,32 @@ def test_same_weights_are_loaded_once(monkeypatch):
     assert calls == ["a", "b"]
 
 
+def test_the_attention_implementation_reaches_the_model(tmp_path, smol_tokenizer):
+    from expertchat.models import load_model
+    from tests.conftest import make_tiny_model
+
+    make_tiny_model(smol_tokenizer).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    for attention in ("eager", "sdpa"):
+        lm = load_model(ModelConfig(name="tiny", path=str(tmp_path), dtype="float32", attn_implementation=attention))
+        assert lm.model.config._attn_implementation == attention
+
+
+def test_auto_is_fp16_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a V100 (it counts emulation): auto must still be fp16 there,
+    and a bf16 setting one line naming the key."""
+    from expertchat.models import check_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100-SXM2-16GB")
+    assert resolve_dtype("auto", "cuda") is torch.float16
+    with pytest.raises(ExpertChatError, match=r"actor\.dtype=bfloat16: this GPU \(Tesla V100-SXM2-16GB\) has no bf16"):
+        check_model(ModelConfig(name="m", path="org/model", dtype="bfloat16"), "actor")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+
+
 def test_resolve_dtype():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("auto", "cpu") in (torch.bfloat16, torch.float32)
