@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from expertchat.config import register, renamed, to_config
 from expertchat.errors import ExpertChatError, first_line
@@ -204,6 +204,22 @@ def check_launcher(args: list[str]) -> None:
              f"hydra/launcher=... to run the sweep's jobs here one after another")
 
 
+def check_hardware(job: list[str]) -> None:
+    """A GPU cluster's launcher profile takes the node's GPUs, CPUs and memory from ``hardware``: with the default
+    ``hardware=cpu`` it would ask Slurm for no GPU, so that is one line before anything is submitted."""
+    profile = next((a.partition("=")[2] for a in reversed(job) if a.startswith("hydra/launcher=")), None)
+    path = Path(CONF_DIR, "hydra", "launcher", f"{profile}.yaml")
+    if profile is None or not path.exists():
+        return
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+    if OmegaConf.is_interpolation(cfg.hydra.launcher, "gpus_per_node") and cfg.hardware.gpus == 0:
+        fail(f"hydra/launcher={profile} asks Slurm for the GPUs, CPUs and memory of `hardware`, but "
+             f"hardware={cfg.hardware.name} has no GPU: add the hardware of the cluster's nodes, e.g. hardware=beluga")
+
+
 def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
     """Print the sweep's table of jobs (jobs.sweep_lines) and exit non-zero when any job did not finish."""
     from expertchat import jobs
@@ -239,6 +255,7 @@ def main() -> None:
         check_launcher(args)
         if job is not None:
             preflight(job[0])
+            check_hardware(job[0])
     from expertchat import jobs
 
     logging.getLogger("submitit").addFilter(jobs.QuietSacct())

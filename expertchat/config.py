@@ -267,7 +267,7 @@ class HardwareConfig:
     gpu_name: str = "none"
     compute_capability: float = 0.0  # 0.0 = no GPU; bf16 and FlashAttention 2 need >= 8.0 (V100: 7.0)
     cpus: int = 0  # CPU cores per node a job may use; 0 = this machine's
-    memory_gb: float = 0.0  # node RAM a job may use, in GB as Slurm counts it (--mem=186G); 0 = this machine's
+    memory_gb: int = 0  # node RAM a job may use, in whole GB as Slurm counts it (--mem=186G); 0 = this machine's
 
     def __post_init__(self) -> None:
         check(self.gpus >= 0, "hardware.gpus", "must be >= 0")

@@ -3,6 +3,8 @@ overrides people type, checked as the CLI checks them (preflight, then the mode'
 
 from __future__ import annotations
 
+import json
+
 import importlib
 
 import pytest
@@ -122,8 +124,10 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(modes, "run", full)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     cfg = OmegaConf.structured(compose_cfg())
+    cfg.run_dir = str(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         cli.app.__wrapped__(cfg)
     line = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and line.count("\n") == 0
     assert f"cannot write {tmp_path / 'ratings.jsonl'}: No space left on device" in line
+    assert json.loads((tmp_path / "status.json").read_text())["error"] == line.removeprefix("expertchat: error: ")

@@ -44,3 +44,45 @@ def test_sync_helper_finds_the_offline_runs_of_run_folders(tmp_path, monkeypatch
     nothing = subprocess.run(["bash", str(LAUNCHERS / "beluga" / "sync_wandb.sh"), str(tmp_path / "empty")],
                              env=env, capture_output=True, text=True, timeout=60)
     assert nothing.returncode == 0 and "no offline W&B runs" in nothing.stdout
+
+
+def compose_launcher(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from expertchat.__main__ import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra.launcher
+
+
+def test_gpu_profiles_ask_slurm_for_the_node_their_hardware_describes(monkeypatch):
+    monkeypatch.setenv("SLURM_ACCOUNT", "def-someone")
+    beluga = compose_launcher("+experiment=mixtral_vs_llama", "hydra/launcher=beluga")
+    assert (beluga.gpus_per_node, beluga.cpus_per_task, beluga.mem_gb) == (4, 40, 186)
+    assert beluga.account == "def-someone" and beluga.max_num_timeout > 0  # requeued on a timeout too
+    assert any("HF_HUB_OFFLINE=1" in line and "WANDB_MODE=offline" in line for line in beluga.setup)
+    narval = compose_launcher("hardware=a100_40gb", "hydra/launcher=narval")
+    assert (narval.gpus_per_node, narval.cpus_per_task, narval.mem_gb) == (4, 48, 498)
+    local = compose_launcher("hydra/launcher=slurm_local")
+    assert (local.partition, local.cpus_per_task, local.gpus_per_node) == ("debug", 1, None)
+    assert local.max_num_timeout > 0
+
+
+def test_a_gpu_profile_on_cpu_hardware_is_one_line_before_submitting(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "expertchat", "-m", "reward.zeta=0.0,1.0", "hydra/launcher=beluga",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{_fake_slurm(tmp_path)}:{os.environ['PATH']}"})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "expertchat: error: hydra/launcher=beluga asks Slurm for the GPUs, CPUs and memory of `hardware`, but "
+        "hardware=cpu has no GPU: add the hardware of the cluster's nodes, e.g. hardware=beluga")
+    assert not (tmp_path / "sweep").exists()
+
+
+def _fake_slurm(tmp_path: Path) -> Path:
+    """sbatch and squeue that answer (nothing is submitted in these tests)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "squeue"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / name).chmod(0o755)
+    return bin_dir

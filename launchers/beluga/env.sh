@@ -2,7 +2,7 @@
 # Personal settings (account, paths) go in launchers/beluga/local.env (git-ignored), e.g.
 #   export SLURM_ACCOUNT=def-yourpi
 #   export MIXTRAL_PATH=$HOME/projects/def-yourpi/models/Mixtral-8x7B-Instruct-v0.1
-#   export LLAMA3_PATH=$HOME/projects/def-yourpi/models/Meta-Llama-3-8B-Instruct
+#   export LLAMA3_8B_PATH=$HOME/projects/def-yourpi/models/Meta-Llama-3-8B-Instruct
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ -f "$here/local.env" ] && source "$here/local.env"
 export EXPERTCHAT_VENV=${EXPERTCHAT_VENV:-$HOME/envs/expertchat}

