@@ -324,8 +324,8 @@ class ExpertChatConfig:
         self.hardware.check_model(self.judge, "judge")
 
 
-# mode -> its module (run by expertchat/modes.py)
-MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate", "plan": "expertchat.plan"}
+MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate"}  # mode -> its module (run by expertchat/modes.py)
+MODES["plan"] = "expertchat.plan"  # the memory plan, no weights loaded
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # ModelConfig.attn_implementation: transformers' names
 
