@@ -66,7 +66,7 @@ def held_out_topics(source: Sequence[str], holdout: int, seed: int, used: Sequen
     """``holdout`` distinct topics of ``source`` drawn with ``seed`` (in source order), none of them in ``used``.
 
     >>> held_out_topics(["a", "b", "c", "d", "b"], 2, seed=0)
-    ['a', 'd']
+    ['b', 'd']
 
     Raises:
         ExpertChatError: no topic would be left for the dialogues, or none is left to hold out.
