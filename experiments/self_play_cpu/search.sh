@@ -5,10 +5,11 @@
 # round-0 dialogues, ratings and base evaluation (the same seed and base models give the same ones) and runs only
 # the training and the round-0 evaluation; resume=force records the changed training keys in resumes.jsonl.
 set -euo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a shared 2-core machine two torch threads per run spin-wait
 out=$1 name=$2 lr=$3 beta=$4 steps=$5 seed_run=${6:-}
 here=$(cd "$(dirname "$0")/../.." && pwd)
-COMMON=(rounds=1 topics.n=8 evaluation.source=jsonl "evaluation.path=$here/tests/data/mt_bench_questions.jsonl"
-        evaluation.max_new_tokens=48 progress=false)
+COMMON=(rounds=1 topics.n=8 dialogue.turns=2 evaluation.source=jsonl
+        "evaluation.path=$here/tests/data/mt_bench_questions.jsonl" evaluation.limit=40 evaluation.max_new_tokens=48)
 dir=$out/$name
 if [[ -n "$seed_run" && ! -e "$dir" ]]; then
   mkdir -p "$dir/stages"

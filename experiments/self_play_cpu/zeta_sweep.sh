@@ -3,6 +3,7 @@
 #   bash experiments/self_play_cpu/zeta_sweep.sh /work/runs/zeta_sweep
 #   python experiments/self_play_cpu/table.py --sweep /work/runs/zeta_sweep
 set -euo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a shared 2-core machine two torch threads per run spin-wait
 out=$1
 here=$(cd "$(dirname "$0")/../.." && pwd)
 python -m expertchat -m rounds=1 topics.n=8 dialogue.turns=2 training.steps=16 training.learning_rate=5e-4 \
