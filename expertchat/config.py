@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from expertchat.errors import ExpertChatError, check, first_line
+from expertchat.hardware_schema import HardwareConfig  # noqa: F401 - part of the schema
 from expertchat.judging_schema import JudgingConfig, ParseConfig, RubricCategory  # noqa: F401 - part of the schema
 
 
@@ -255,38 +256,63 @@ class RateConfig:
 
 
 @dataclass
-class HardwareConfig:
-    """The machine a job runs on (``conf/hardware/``): what ``mode=plan`` plans against, what the GPU-only config
-    rules check, and what the Slurm launcher profiles ask for (``${hardware.gpus}``, ``${hardware.cpus}``,
-    ``${hardware.memory_gb}``). The default, ``cpu``, is this machine without a GPU; 0 means "this machine's own"
-    for ``cpus`` and ``memory_gb``."""
+class LmEvalConfig:
+    """``evaluation.lm_eval.*``: lm-evaluation-harness on each evaluation point's models, when it is installed
+    (``pip install lm-eval``); otherwise one line says it was skipped."""
 
-    name: str = "cpu"
-    gpus: int = 0  # per node; 0 = none
-    gpu_memory_gb: float = 0.0  # one GPU's memory in GB (10^9 bytes) as torch reports its total_memory
-    gpu_name: str = "none"
-    compute_capability: float = 0.0  # 0.0 = no GPU; bf16 and FlashAttention 2 need >= 8.0 (V100: 7.0)
-    cpus: int = 0  # CPU cores per node a job may use; 0 = this machine's
-    memory_gb: int = 0  # node RAM a job may use, in whole GB as Slurm counts it (--mem=186G); 0 = this machine's
+    tasks: list[str] = field(default_factory=list)  # e.g. [ifeval,mmlu]; empty: not run
+    limit: Optional[int] = None  # examples per task (None: all)
+    num_fewshot: Optional[int] = None
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
-        check(self.gpus >= 0, "hardware.gpus", "must be >= 0")
-        check(self.gpus == 0 or self.gpu_memory_gb > 0, "hardware.gpu_memory_gb", "must be > 0 when gpus > 0")
-        check(self.gpus == 0 or self.compute_capability > 0, "hardware.compute_capability",
-               "must be > 0 when gpus > 0 (V100: 7.0, A100: 8.0, H100: 9.0)")
-        check(self.cpus >= 0 and self.memory_gb >= 0, "hardware.cpus", "and hardware.memory_gb must be >= 0")
+        check(self.limit is None or self.limit > 0, "evaluation.lm_eval.limit", "must be > 0")
+        check(self.batch_size > 0, "evaluation.lm_eval.batch_size", "must be > 0")
 
-    def check_model(self, model: ModelConfig, role: str) -> None:
-        """The GPU's own limits on a model's settings: below compute capability 8.0 (V100 = 7.0) there is no bf16
-        (``dtype``, ``bnb_4bit_compute_dtype``) and no FlashAttention 2 (``attn_implementation``)."""
-        if not 0 < self.compute_capability < 8.0:
-            return
-        gpu = f"{self.gpu_name} (hardware={self.name}, compute capability {self.compute_capability})"
-        for key in ("dtype", "bnb_4bit_compute_dtype"):
-            check(getattr(model, key) != "bfloat16", f"{role}.{key}",
-                   f"is bfloat16 but the {gpu} has no bf16: use float16 (or auto for dtype)")
-        check(model.attn_implementation != "flash_attention_2", f"{role}.attn_implementation",
-               f"is flash_attention_2 but the {gpu} has no FlashAttention 2: use sdpa or eager")
+
+@dataclass
+class EvaluationConfig:
+    """Held-out evaluation (``expertchat/evaluation.py``) of each role's model before round 0 and after every
+    round's training, scored by a FROZEN judge with the training rubric and reward; ``mode=eval`` evaluates an
+    existing run folder's adapters."""
+
+    enabled: bool = True
+    source: str = "topics"  # topics: a held-out split of the topics source | jsonl: questions from ``path``
+    holdout: int = 8  # topics held out of the dialogues (source=topics), chosen with the run's seed
+    path: Optional[str] = None  # source=jsonl: the questions file
+    question_field: str = "turns[0]"  # source=jsonl: the question (dotted path with indices; MT-Bench format)
+    limit: Optional[int] = None  # source=jsonl: the first N questions
+    strategy: str = "greedy"  # greedy | sample (seeded: the same answers' randomness at every point)
+    samples: int = 1  # answers per prompt (sample only)
+    temperature: float = 0.7  # sample
+    top_p: float = 1.0  # sample
+    max_new_tokens: int = 64
+    seed: int = 1234
+    judge: Optional[ModelConfig] = None  # None: the judge role's round-0 base (adapters disabled)
+    tie_tolerance: float = 0.01  # |paired reward difference| <= this: a tie
+    bootstrap: int = 2000  # resamples of each 95% bootstrap interval (scipy.stats.bootstrap, BCa)
+    rounds: Optional[list[int]] = None  # mode=eval: the rounds to evaluate (None: every trained round)
+    run: Optional[str] = None  # mode=eval: the run folder to evaluate (None: run_dir); results are written there
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
+    def __post_init__(self) -> None:
+        check(self.source in {"topics", "jsonl"}, "evaluation.source", f"is '{self.source}'; use topics or jsonl")
+        check(self.source != "jsonl" or bool(self.path), "evaluation.path", "is not set: evaluation.source=jsonl "
+              "needs evaluation.path=FILE.jsonl")
+        check(self.holdout > 0, "evaluation.holdout", "must be > 0")
+        check(self.limit is None or self.limit > 0, "evaluation.limit", "must be > 0")
+        check(self.strategy in {"greedy", "sample"}, "evaluation.strategy",
+              f"is '{self.strategy}'; use greedy or sample")
+        check(self.samples > 0, "evaluation.samples", "must be > 0")
+        check(self.samples == 1 or self.strategy == "sample", "evaluation.samples",
+              f"is {self.samples} with greedy decoding, which gives the same answer each time; set "
+              f"evaluation.strategy=sample")
+        check(self.temperature > 0, "evaluation.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "evaluation.top_p", "must be in (0, 1]")
+        check(self.max_new_tokens > 0, "evaluation.max_new_tokens", "must be > 0")
+        check(self.tie_tolerance >= 0, "evaluation.tie_tolerance", "must be >= 0")
+        check(self.bootstrap >= 100, "evaluation.bootstrap", "must be >= 100")
+        check(all(r >= 0 for r in self.rounds or []), "evaluation.rounds", "must hold round numbers >= 0")
 
 
 @dataclass
@@ -304,7 +330,8 @@ class ExpertChatConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rate: RateConfig = field(default_factory=RateConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    mode: str = "run"  # run: the dialogue -> rate -> train loop | rate: rate a JSONL file (rate.input) | plan: memory
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mode: str = "run"  # run: the loop | rate: rate a JSONL file (rate.input) | eval: evaluate a run | plan: memory
     rounds: int = 1
     seed: int = 0
     run_dir: Optional[str] = "."  # the Hydra job's output folder (conf/config.yaml); null under --cfg (no job)
@@ -324,8 +351,8 @@ class ExpertChatConfig:
         self.hardware.check_model(self.judge, "judge")
 
 
-MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate"}  # mode -> its module (run by expertchat/modes.py)
-MODES["plan"] = "expertchat.plan"  # the memory plan, no weights loaded
+MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate", "eval": "expertchat.evaluation_mode",
+         "plan": "expertchat.plan"}  # mode -> its module (run by expertchat/modes.py)
 
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # ModelConfig.attn_implementation: transformers' names
 

@@ -165,8 +165,13 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append("  training    " + "; ".join(
             f"{role} reward {fmt(m['reward_first_batch'])} -> {fmt(m['reward_last_batch'])} over {m['steps']} steps"
             for role, m in trained.items()))
+    evaluated = (summary.get("evaluation") or {}).get("models", {})
+    if evaluated:
+        out.append("  evaluation  " + "; ".join(
+            f"{role} held-out reward {fmt(m['reward_mean'])}, vs base {fmt((m['delta_vs_base'] or {}).get('mean'))} "
+            f"(win-rate {fmt(m['win_rate'], 2)})" for role, m in evaluated.items()))
     out.append(f"  run folder  {root} (turns.jsonl, ratings.jsonl, train_metrics.jsonl, rewards_by_round.json, "
-               f"expertchat.log)")
+               f"eval.jsonl, expertchat.log)")
     if trained:
         out.append(f"  adapters    {root}/adapters/round_{rounds - 1}/{{{','.join(trained)}}}")
     return out

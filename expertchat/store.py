@@ -159,13 +159,14 @@ class RunStore:
         self.write_text(CONFIG_FILE, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
     # -------------------------------------------------------------------------------------------- stages
-    def _marker(self, round_idx: int, stage: str) -> Path:
-        return self.path(f"stages/round_{round_idx}.{stage}.json")
+    def _marker(self, round_idx: int | str, stage: str) -> Path:
+        point = "base" if round_idx == "base" else f"round_{round_idx}"  # base: before round 0 (evaluation)
+        return self.path(f"stages/{point}.{stage}.json")
 
-    def done(self, round_idx: int, stage: str) -> bool:
+    def done(self, round_idx: int | str, stage: str) -> bool:
         return self._marker(round_idx, stage).exists()
 
-    def begin(self, round_idx: int, stage: str, files: list[str]) -> dict[str, int]:
+    def begin(self, round_idx: int | str, stage: str, files: list[str]) -> dict[str, int]:
         """Start (or restart) a stage: records of this round left by an interrupted attempt (and lines cut by a
         kill) are moved to ``<file>.incomplete.jsonl``.
 
@@ -196,7 +197,7 @@ class RunStore:
                 moved[name] = len(stale)
         return moved
 
-    def finish(self, round_idx: int, stage: str, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, round_idx: int | str, stage: str, summary: dict[str, Any] | None = None) -> None:
         """Mark a stage complete, with a small summary of what it produced and the process's peak memory so far."""
         self.write_json(
             str(self._marker(round_idx, stage).relative_to(self.root)),
@@ -204,7 +205,7 @@ class RunStore:
              **(summary or {}), **peak_memory()},
         )
 
-    def stage_summary(self, round_idx: int, stage: str) -> dict[str, Any]:
+    def stage_summary(self, round_idx: int | str, stage: str) -> dict[str, Any]:
         return json.loads(self._marker(round_idx, stage).read_text(encoding="utf-8"))
 
 

@@ -17,24 +17,36 @@ from expertchat.store import RunStore
 log = logging.getLogger(__name__)
 
 
+def source_topics(cfg: TopicsConfig) -> tuple[list[str], str]:
+    """The topics a ``builtin``, ``jsonl`` or ``hf`` source lists, in its order, and where they came from.
+
+    Raises:
+        ExpertChatError: missing file or field, unreachable dataset, or ``topics.source=generated`` (no list).
+    """
+    if cfg.source == "builtin":
+        return [t.strip() for t in cfg.items if t and t.strip()], "topics.items"
+    if cfg.source == "jsonl":
+        return from_jsonl(cfg.path, cfg.field), f"{cfg.path}"
+    if cfg.source == "hf":
+        return from_hf(cfg), f"dataset {cfg.dataset}"
+    raise ExpertChatError("topics.source=generated lists no topics before a model writes them")
+
+
 def load_topics(cfg: TopicsConfig, count: int, *, model: LoadedModel | None = None,
-                generation: GenerationConfig | None = None, seed: int = 0) -> list[str]:
-    """Return ``count`` topics from the configured source (cycling through a shorter source).
+                generation: GenerationConfig | None = None, seed: int = 0,
+                exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Return ``count`` topics from the configured source (cycling through a shorter source), leaving out
+    ``exclude`` (the topics held out for evaluation, ``evaluation.py``).
 
     Raises:
         ExpertChatError: missing file or field, unreachable dataset, or no topics at all.
     """
-    if cfg.source == "builtin":
-        topics = [t.strip() for t in cfg.items if t and t.strip()]
-        where = "topics.items"
-    elif cfg.source == "jsonl":
-        topics, where = from_jsonl(cfg.path, cfg.field), f"{cfg.path}"
-    elif cfg.source == "hf":
-        topics, where = from_hf(cfg), f"dataset {cfg.dataset}"
-    else:
+    if cfg.source == "generated":
         if model is None or generation is None:
             raise ExpertChatError("topics.source=generated needs a model to write the topics")
         return generate_topics(model, cfg.prompt, count, generation, seed)
+    topics, where = source_topics(cfg)
+    topics = [t for t in topics if t not in exclude]
     if not topics:
         raise ExpertChatError(f"topics: no topics found in {where}; add some or choose another topics=...")
     if cfg.shuffle:
@@ -47,7 +59,8 @@ def load_topics(cfg: TopicsConfig, count: int, *, model: LoadedModel | None = No
 TOPICS_FILE = "topics.json"
 
 
-def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int = 0) -> list[str] | None:
+def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int = 0,
+                       exclude: frozenset[str] = frozenset()) -> list[str] | None:
     """The run's topics where they can be read before any model loads, so that bad input fails before anything
     is written; ``None`` when ``topics.json`` already has them or the actor must write them (``generated``).
 
@@ -56,27 +69,29 @@ def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int
     """
     if store.path(TOPICS_FILE).exists() or cfg.source == "generated":
         return None
-    return load_topics(cfg, count, seed=seed)
+    return load_topics(cfg, count, seed=seed, exclude=exclude)
 
 
 def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] | None, *,
-               model: LoadedModel, generation: GenerationConfig, seed: int = 0) -> list[str]:
+               model: LoadedModel, generation: GenerationConfig, seed: int = 0,
+               exclude: frozenset[str] = frozenset()) -> list[str]:
     """The run's ``count`` topics, chosen once and kept in ``topics.json`` so that a resumed run holds the same
     dialogues; a run resumed with more rounds (or dialogues) keeps the topics used and adds new ones.
 
     Args:
         early: what :func:`read_before_models` returned.
         model, generation: the actor and its decoding, for ``topics=generated``.
+        exclude: topics held out for evaluation.
 
     Raises:
         ExpertChatError: as :func:`load_topics`.
     """
     if not store.path(TOPICS_FILE).exists():
-        topics = early or load_topics(cfg, count, model=model, generation=generation, seed=seed)
+        topics = early or load_topics(cfg, count, model=model, generation=generation, seed=seed, exclude=exclude)
         store.write_json(TOPICS_FILE, fit_topics(topics, model.tokenizer, model.cfg.max_length))
     topics = store.read_json(TOPICS_FILE)
     if len(topics) < count:
-        more = load_topics(cfg, count, model=model, generation=generation, seed=seed)
+        more = load_topics(cfg, count, model=model, generation=generation, seed=seed, exclude=exclude)
         topics += fit_topics(more[len(topics):], model.tokenizer, model.cfg.max_length)
         store.write_json(TOPICS_FILE, topics)
         log.info("%s extended to %d topics (%d dialogues in all)", TOPICS_FILE, len(topics), count)

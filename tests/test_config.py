@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from expertchat.config import (
-    DialogueConfig, ExpertChatConfig, GenerationConfig, HardwareConfig, JudgingConfig, ModelConfig, RewardConfig,
-    RubricCategory, TopicsConfig, TrackerConfig, TrainingConfig, register, to_config)
+    DialogueConfig, EvaluationConfig, ExpertChatConfig, GenerationConfig, HardwareConfig, JudgingConfig, ModelConfig,
+    RewardConfig, RubricCategory, TopicsConfig, TrackerConfig, TrainingConfig, register, to_config)
 from expertchat.errors import ExpertChatError
 
 CONF = Path(__file__).resolve().parents[1] / "expertchat" / "conf"
@@ -42,7 +42,7 @@ def test_default_config_is_the_embedded_cpu_experiment():
 
 SCHEMA = {"generation": GenerationConfig, "topics": TopicsConfig, "dialogue": DialogueConfig,
           "training": TrainingConfig, "tracker": TrackerConfig, "judging": JudgingConfig, "reward": RewardConfig,
-          "model": ModelConfig, "hardware": HardwareConfig}
+          "model": ModelConfig, "hardware": HardwareConfig, "evaluation": EvaluationConfig}
 
 
 def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -82,8 +82,8 @@ def test_the_default_composition_is_the_schema():
     """What users run by default is what ``JudgingConfig()``, ``TrainingConfig()``, ... say: tests that build the
     dataclasses by hand check the configuration that ships."""
     cfg = compose_cfg()
-    assert (cfg.judging, cfg.training, cfg.dialogue, cfg.reward, cfg.tracker) == (
-        JudgingConfig(), TrainingConfig(), DialogueConfig(), RewardConfig(), TrackerConfig())
+    assert (cfg.judging, cfg.training, cfg.dialogue, cfg.reward, cfg.tracker, cfg.evaluation) == (
+        JudgingConfig(), TrainingConfig(), DialogueConfig(), RewardConfig(), TrackerConfig(), EvaluationConfig())
     assert cfg.generation == GenerationConfig(**yaml.safe_load((CONF / "generation" / "high_temp.yaml").read_text()))
     assert (cfg.rounds, cfg.seed, cfg.mode, cfg.topics.n) == (1, 0, "run", 8)
 

@@ -48,7 +48,12 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     status = json.loads((out / "status.json").read_text())  # every job says how it ended (jobs.py)
     assert status["status"] == "done" and status["error"] is None and status["threads"] >= 1
     assert status["overrides"] == ["+experiment=smoke"]  # the task's overrides; hydra.run.dir is Hydra's
-    files = {name: (out / name).read_text() for name in ("turns.jsonl", "ratings.jsonl", "train_metrics.jsonl")}
+    # a tiny evaluation of both models before round 0 and after it, on held-out topics, by the frozen base judge
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert sorted(str(r["round"]) for r in evals) == ["0"] * 4 + ["base"] * 4 and all(r["tokens"] <= 8 for r in evals)
+    assert json.loads((out / "stages/round_0.evaluation.json").read_text())["models"]["judge"]["delta_vs_base"]
+    files = {name: (out / name).read_text()
+             for name in ("turns.jsonl", "ratings.jsonl", "train_metrics.jsonl", "eval.jsonl")}
     # rerunning into the same folder resumes: nothing is regenerated or duplicated
     again = run_cli("+experiment=smoke", f"hydra.run.dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
