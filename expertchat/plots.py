@@ -8,6 +8,7 @@ Each function takes plain numbers, writes one PNG and returns its path, or ``Non
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,8 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
 
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the run folder's temporary name (store.py)
+    fig.savefig(tmp, format="png")
     tmp.replace(path)
     return path
 
@@ -218,15 +219,16 @@ def draw(data: RunData) -> dict[str, Path]:
     d = data.root / PLOTS_DIR
     cats: dict[str, dict[str, list[float]]] = {}
     eval_cats: dict[str, dict[str, list[float]]] = {}
-    sims: dict[str, dict[str, list[tuple[float, float]]]] = {"dialogue turns, rated by the partner": {},
-                                                            "held-out answers, frozen judge": {}}
+    rated = "answers from a file (mode=rate)" if data.mode == "rate" else "dialogue turns, rated by the partner"
+    sims: dict[str, dict[str, list[tuple[float, float]]]] = {rated: {}, "held-out answers, frozen judge": {}}
     for (rnd, ratee), rs in groups(data.ratings, "round", "ratee").items():
+        label = f"{_point(rnd)} {ratee}" if ratee is not None else "rated answers"  # mode=rate: no round, no ratee
         for r in rs:
             for c, v in (r.get("categories") or {}).items():
                 if isinstance(v, dict) and v.get("score") is not None:
-                    cats.setdefault(f"{_point(rnd)} {ratee}", {}).setdefault(c, []).append(v["score"])
+                    cats.setdefault(label, {}).setdefault(c, []).append(v["score"])
             if r.get("score") is not None and r.get("similarity") is not None:
-                sims["dialogue turns, rated by the partner"].setdefault(str(ratee), []).append(
+                sims[rated].setdefault(str(ratee or "rated answers"), []).append(
                     (r["score"], r["similarity"]))
     for (rnd, role), rs in groups(data.eval_rows, "round", "role").items():
         for r in rs:
@@ -240,7 +242,7 @@ def draw(data: RunData) -> dict[str, Path]:
         "eval_categories": category_distributions(eval_cats, d / "eval_categories.png",
                                                   "Held-out scores per category (frozen judge)"),
         "rating_categories": category_distributions(cats, d / "rating_categories.png",
-                                                    "Partner-rated scores per category, per round and model"),
+                                                    f"Scores per category: {rated}"),
         "similarity_vs_score": similarity_vs_score(sims, d / "similarity_vs_score.png"),
         "length": length_per_round(_lengths(data), d / "length.png", "Answer length per round"),
         "training": training_curves(data.train, d / "training.png"),
@@ -252,7 +254,8 @@ def _lengths(data: RunData) -> dict[str, dict[str, list[float]]]:
     """New tokens per answer: ``{series: {x label: values}}``, x in order base, round 0, round 1, ..."""
     out: dict[str, dict[str, list[float]]] = {}
     for (rnd, role), rs in groups(data.eval_rows, "round", "role").items():
-        out.setdefault(f"held-out {role}", {})[_point(rnd)] = [r["tokens"] for r in rs if isinstance(r.get("tokens"), int)]
+        out.setdefault(f"held-out {role}", {})[_point(rnd)] = [r["tokens"] for r in rs
+                                                               if isinstance(r.get("tokens"), int)]
     for (rnd, role), ts in groups(data.turns, "round", "role").items():
         out.setdefault(f"dialogue {role}", {})[_point(rnd)] = [t["new_tokens"] for t in ts
                                                               if isinstance(t.get("new_tokens"), int)]

@@ -15,6 +15,7 @@ plots and the evaluation summary go to the tracked run; a failure there is one w
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -34,7 +35,6 @@ _KEYS = ("mode", "rounds", "seed", "actor.name", "judge.name", "topics.n", "dial
          "generation.temperature", "generation.max_new_tokens", "judging.mode", "reward.zeta", "training.steps",
          "training.batch_size", "training.learning_rate", "training.beta", "training.method", "training.reference",
          "training.bidirectional", "evaluation", "tracker.backend")
-_GUARDS = ("tokens", "distinct_2", "cut", "copied")
 
 
 # ------------------------------------------------------------------------------------------------ the sections
@@ -68,7 +68,11 @@ def run_section(data: RunData) -> list[str]:
         out += ["", "Config groups: " + ", ".join(f"{k}={v}" for k, v in sorted(data.choices.items())) + "."]
     if data.config is None:
         return out + ["", "No recorded config (`config.yaml`)."]
-    rows = [[k, get(data.config, k)] for k in _KEYS if get(data.config, k) is not None]
+    rows = []
+    for key in _KEYS:  # a group of keys (evaluation) as its leaves
+        value = get(data.config, key)
+        leaves = value.items() if isinstance(value, dict) else [("", value)]
+        rows += [[f"{key}.{k}" if k else key, v] for k, v in leaves if v is not None and not isinstance(v, dict)]
     rubric = get(data.config, "judging.rubric") or {}
     if isinstance(rubric, dict):
         rows.append(["judging.rubric", ", ".join(f"{n} ({c.get('signal')}, weight {c.get('weight')})"
@@ -84,7 +88,8 @@ def dialogue_section(data: RunData) -> list[str]:
     for (rnd, role), ts in groups(data.turns, "round", "role").items():
         g = [guards[(str(t.get("dialogue_id")), t.get("turn", 0))] for t in ts]
         marker = data.markers.get((rnd, "dialogue"), {})
-        rows.append([rnd, role, len({t.get("dialogue_id") for t in ts}), len(ts), fmt(mean([x["tokens"] for x in g]), 1),
+        rows.append([rnd, role, len({t.get("dialogue_id") for t in ts}), len(ts),
+                     fmt(mean([x["tokens"] for x in g]), 1),
                      fmt(mean([x["distinct_2"] for x in g])), fmt(mean([x["cut"] for x in g]), 2),
                      fmt(mean([x["copied_fraction"] for x in g]), 2),
                      sum(not str(t.get("text", "")).strip() for t in ts), fmt(marker.get("tok_per_s"), 1)])
@@ -109,7 +114,7 @@ def rating_section(data: RunData) -> list[str]:
                      *_guard_cells(g)])
     return ["", "## Ratings per round and model", "",
             "Each model's turns as its partner rated them (the judge of round r is the partner as it was in round "
-            "r, so the scale moves between rounds; the held-out evaluation below has a frozen judge).", ""] + table(
+            "r, so the scale moves between rounds; the held-out evaluation has a frozen judge).", ""] + table(
         ["round", "model", "rated by", "rated", "scored", "score", *cats, "similarity", "reward", "tokens",
          "distinct-2", "cut", "copied"], rows)
 
@@ -149,8 +154,9 @@ def samples_section(data: RunData, width: int = 600) -> list[str]:
             r = by_turn.get((did, t.get("turn")))
             text = str(t.get("text", "")).strip().replace("\n", " ")
             text = text if len(text) <= width else text[:width] + " [...]"
+            wim = str((r or {}).get("wim") or "").strip()[:200]
             rating = (f"reward {fmt(r.get('reward'))}, score {fmt(r.get('score'), 2)}, similarity "
-                      f"{fmt(r.get('similarity'))}; WIM: \"{str(r.get('wim') or '').strip()[:200]}\"") if r else "not rated"
+                      f"{fmt(r.get('similarity'))}; WIM: \"{wim}\"") if r else "not rated"
             out += [f"- **{t.get('role')}** (turn {t.get('turn')}, {t.get('new_tokens')} tokens"
                     f"{', cut' if t.get('finished') is False else ''}): {text or '(empty)'}",
                     f"  - *{rating}*"]
@@ -168,7 +174,8 @@ def training_section(data: RunData) -> list[str]:
         rows.append([rnd, role, rs[-1].get("step"), f"{fmt(rs[0].get('loss'), 4)} -> {fmt(rs[-1].get('loss'), 4)}",
                      f"{fmt(rs[0].get('objective/scores'))} -> {fmt(rs[-1].get('objective/scores'))}",
                      fmt(rs[-1].get("rewards/margins"), 4), fmt(rs[-1].get("objective/kl"), 4),
-                     fmt(1 - (mean([r.get("pairs/kept") for r in rs]) or 1.0), 2), fmt(marker.get("seconds_per_step"), 1)])
+                     fmt(1 - (mean([r.get("pairs/kept") for r in rs]) or 1.0), 2),
+                     fmt(marker.get("seconds_per_step"), 1)])
     return ["", "## Training (online DPO)", "",
             "Per round and model: the first and last step's DPO loss and the partner's mean reward of the sampled "
             "answers; the last step's reward margin and KL; the fraction of pairs masked as ties.", ""] + table(
@@ -218,33 +225,36 @@ def build(data: RunData, figures: dict[str, Path]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; return the report's path.
+def write_report(run_dir: str | Path, just_finished: bool = False) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; return the report's path. ``just_finished``: the
+    run itself calls it as it ends (its state is done, whatever its status file says yet).
 
     Raises:
         ExpertChatError: ``run_dir`` is missing, or holds nothing to report (no records, markers, evaluation).
     """
     data = load(run_dir)
+    data.just_finished = just_finished
     if data.empty():
         raise ExpertChatError(f"nothing to report in {data.root}: no turns.jsonl, ratings.jsonl, stage markers or "
                               f"evaluation (is it a run folder? a sweep folder has multirun.yaml)")
     path = data.root / REPORT_FILE
-    tmp = path.with_name(f".{REPORT_FILE}.tmp")
+    tmp = path.with_name(f".{REPORT_FILE}.tmp{os.getpid()}")  # the run folder's temporary name (store.py)
     tmp.write_text(build(data, plots.draw(data)), encoding="utf-8")
     tmp.replace(path)
     return path
 
 
-def after_run(run_dir: str | Path, tracker: Tracker | None = None) -> Path | None:
-    """The end of every run: :func:`write_report`, then the tables, plots and evaluation summary to ``tracker``.
-    Never raises: a failure is one warning line (the run's own results are complete without the report)."""
+def after_run(run_dir: str | Path, tracker: Tracker | None = None, just_finished: bool = False) -> Path | None:
+    """The end of every run (``modes.run``, ``just_finished``): :func:`write_report`, then the tables, plots and
+    evaluation summary to ``tracker``. Never raises: a failure is one warning line (the run's own results are
+    complete without the report); a folder with nothing to report gets no report."""
     try:
         if load(run_dir).empty():
             return None
-        path = write_report(run_dir)
+        path = write_report(run_dir, just_finished=just_finished)
         if tracker is not None:
             track(tracker, load(run_dir), sorted((Path(run_dir) / plots.PLOTS_DIR).glob("*.png")))
-        log.info("report: %s", path)
+        log.debug("report: %s", path)  # the closing summary names report.md
         return path
     except Exception as exc:  # noqa: BLE001 - a report must not fail a finished run
         log.warning("the report of %s failed (%s: %s); rebuild it with python -m expertchat.report %s", run_dir,
@@ -262,8 +272,9 @@ def track(tracker: Tracker, data: RunData, images: list[Path]) -> None:
     rating_cols = ["rater", "score", *cats, "wim", "similarity", "reward", "status"]
 
     def rating_cells(r: dict[str, Any]) -> list[Any]:
-        return [r.get("rater") or r.get("rater_model"), r.get("score"), *[get(r, f"categories.{c}.score") for c in cats],
-                r.get("wim"), r.get("similarity"), r.get("reward"), r.get("status")]
+        return [r.get("rater") or r.get("rater_model"), r.get("score"),
+                *[get(r, f"categories.{c}.score") for c in cats], r.get("wim"), r.get("similarity"), r.get("reward"),
+                r.get("status")]
     if data.turns:
         cols = ["round", "dialogue_id", "turn", "role", "model", "topic", "text", "tokens", "cut", "distinct_2",
                 "copied_fraction"]
@@ -278,11 +289,12 @@ def track(tracker: Tracker, data: RunData, images: list[Path]) -> None:
         ecats = list(dict.fromkeys(c for r in data.eval_rows for c in (r.get("scores") or {})))
         cols = ["round", "role", "model", "prompt_id", "sample", "prompt", "answer", "tokens", "cut",
                 "copied_fraction", "distinct_1", "distinct_2", "score", "rating", "wim", "similarity", "reward"]
-        tracker.log_table("evaluation", cols + ecats, [[str(r.get("round")), *[r.get(k) for k in cols[1:]],
-                                                        *[get(r, f"scores.{c}") for c in ecats]] for r in data.eval_rows])
+        tracker.log_table("evaluation", cols + ecats, [
+            [str(r.get("round")), *[r.get(k) for k in cols[1:]], *[get(r, f"scores.{c}") for c in ecats]]
+            for r in data.eval_rows])
     if data.evals:
-        tracker.log_summary({"evaluation": {str(e.get("round")): {role: _flat_cis(m) for role, m in
-                                                                  (e.get("models") or {}).items()} for e in data.evals}})
+        tracker.log_summary({"evaluation": {str(e.get("round")): {
+            role: _flat_cis(m) for role, m in (e.get("models") or {}).items()} for e in data.evals}})
     tracker.log_images({p.stem: p for p in images})
 
 

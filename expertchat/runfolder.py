@@ -41,6 +41,7 @@ class RunData:
     rate_summary: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     bad_lines: dict[str, int] = field(default_factory=dict)
+    just_finished: bool = False  # read by the run itself as it ends (its status file still says running)
 
     @property
     def rounds(self) -> int | None:
@@ -63,11 +64,17 @@ class RunData:
         if self.mode != "run":
             return []
         rounds = self.rounds or (max((r for r, _ in self.markers), default=-1) + 1)
-        return [f"round {r} {s}" for r in range(rounds) for s in STAGES if (r, s) not in self.markers]
+        points = {e.get("round") for e in self.evals}
+        evaluated = get(self.config, "evaluation.enabled") is True  # the evaluation stage: base, then every round
+        return (["base evaluation"] if evaluated and "base" not in points else []) + [
+            f"round {r} {s}" for r in range(rounds) for s in (*STAGES, *(["evaluation"] if evaluated else []))
+            if ((r, s) not in self.markers if s != "evaluation" else r not in points)]
 
     def state(self) -> tuple[str, str]:
         """``(state, how it is known)``: the status file's ``status`` (running / done / failed) when there is one,
         else ``done`` when every stage marker is there, else ``incomplete``; ``empty`` for nothing at all."""
+        if self.just_finished:
+            return "done", "the run has just finished; its status file is written after this report"
         if self.status is not None:
             err = self.status.get("error")
             return str(self.status.get("status")), f"status.json{': ' + err if err else ''}"
@@ -217,7 +224,8 @@ def turn_guards(turns: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, 
         for t in sorted(ts, key=lambda t: t.get("turn", 0)):
             w = words(str(t.get("text", "")))
             out[(did, t.get("turn", 0))] = {"tokens": t.get("new_tokens"), "cut": t.get("finished") is False,
-                                            "distinct_2": distinct_n(w, 2), "copied_fraction": copied_fraction(context, w)}
+                                            "distinct_2": distinct_n(w, 2),
+                                            "copied_fraction": copied_fraction(context, w)}
             context = context + w
     return out
 

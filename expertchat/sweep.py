@@ -13,6 +13,7 @@ folder with records also gets its own ``report.md`` (``report.main``), linked fr
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ def render(sweep_dir: Path, swept: list[str], rows: list[dict[str, Any]], plot: 
     header += [f"{role} partner-rated reward" for role in roles] + ["report", "why"]
     body = []
     for r in rows:
-        cells = [r["job"], r["label"], f"**{r['state']}**", fmt(r["point"]) if r["point"] is not None else "no evaluation"]
+        point = fmt(r["point"]) if r["point"] is not None else "no evaluation"
+        cells = [r["job"], r["label"], f"**{r['state']}**", point]
         for role in roles:
             m = r["models"].get(role) or {}
             cells += [ci(m.get("mean"), m.get("ci")), fmt(m.get("win_rate"), 2), fmt(m.get("length_ratio"), 2),
@@ -139,7 +141,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
                                                                 if v.get("mean") is not None}} for r in rows],
                               root / SWEEP_PLOT, f"Held-out reward change vs base per job ({root.name})")
     path = root / SWEEP_FILE
-    tmp = path.with_name(f".{SWEEP_FILE}.tmp")
+    tmp = path.with_name(f".{SWEEP_FILE}.tmp{os.getpid()}")
     tmp.write_text(render(root, swept, rows, plot), encoding="utf-8")
     tmp.replace(path)
     return path

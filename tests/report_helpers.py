@@ -146,7 +146,7 @@ def make_sweep(root: Path, task: list[str], jobs: dict[int, dict[str, Any] | Non
     expected = sweep_overrides(task)[1]
     for num, kwargs in jobs.items():
         if kwargs is not None:
-            make_run(root / str(num), **{"rounds": 1, "overrides": expected[num], **kwargs})
+            make_run(root / str(num), **{"rounds": 1, "overrides": expected[num % len(expected)], **kwargs})
     return root
 
 

@@ -45,6 +45,9 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     assert {r["model"] for r in json.loads((out / "rewards_by_round.json").read_text())} == {"actor", "judge"}
     assert {s for s in ("dialogue", "rating", "training") if (out / "stages" / f"round_0.{s}.json").exists()} == {
         "dialogue", "rating", "training"}
+    report = (out / "report.md").read_text()  # every run ends with its report
+    assert "**State: done**" in report and "## Ratings per round and model" in report and "## Training" in report
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {"training.png", "length.png", "rating_categories.png"}
     files = {name: (out / name).read_text() for name in ("turns.jsonl", "ratings.jsonl", "train_metrics.jsonl")}
     # rerunning into the same folder resumes: nothing is regenerated or duplicated
     again = run_cli("+experiment=smoke", f"hydra.run.dir={out}")

@@ -145,3 +145,24 @@ def test_the_tracker_gets_the_tables_the_evaluation_summary_and_the_plots(tmp_pa
     actor = tracker.summary["evaluation"]["0"]["actor"]
     assert actor["delta_vs_base"]["ci_lo"] < actor["delta_vs_base"]["mean"] < actor["delta_vs_base"]["ci_hi"]
     assert set(tracker.images) >= {"eval_reward", "training", "length"}
+
+
+def test_the_run_reports_itself_done_before_its_status_file_says_so(tmp_path):
+    running = {"status": "running", "error": None, "overrides": [], "started": "2026-11-30T20:00:00"}
+    run = make_run(tmp_path / "run", rounds=1, status=running)
+    assert report.after_run(run, Tracker(), just_finished=True) == run / "report.md"
+    assert "**State: done** (the run has just finished" in (run / "report.md").read_text()
+    report.write_report(run)  # rebuilt later while the status file still says running (e.g. killed since)
+    assert "**State: running** (status.json)" in (run / "report.md").read_text()
+
+
+def test_an_evaluated_run_misses_the_evaluation_points_it_lacks(tmp_path):
+    import yaml
+
+    run = make_run(tmp_path / "run", rounds=2)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "evaluation": {"enabled": True, "prompts": 6}}))
+    assert load(run).state() == ("done", "no status file; every stage marker present")
+    (run / "stages" / "round_1.evaluation.json").unlink()
+    text = report.write_report(run).read_text()
+    assert "first: round 1 evaluation" in text and "| evaluation.prompts | 6 |" in text
