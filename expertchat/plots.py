@@ -203,7 +203,10 @@ def sweep_deltas(jobs: list[dict[str, Any]], path: Path, title: str) -> Path | N
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2][0] for p in pts], [p[2][1] for p in pts]],
                     fmt="o", capsize=4, label=role)
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(-0.5, len(jobs) - 0.5)
     ax.set_xticks(range(len(jobs)), [j["label"] + ("" if j.get("models") else "\n(no result)") for j in jobs])
+    ax.set_ylabel("held-out reward change vs base (paired, 95% CI)")
+    ax.set_xlabel("job (its swept overrides)")
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title(title)
     ax.legend(title="model")

@@ -35,6 +35,7 @@ _KEYS = ("mode", "rounds", "seed", "actor.name", "judge.name", "topics.n", "dial
          "generation.temperature", "generation.max_new_tokens", "judging.mode", "reward.zeta", "training.steps",
          "training.batch_size", "training.learning_rate", "training.beta", "training.method", "training.reference",
          "training.bidirectional", "evaluation", "tracker.backend")
+_RATE_KEYS = ("mode", "seed", "judge.name", "rate", "judging.mode", "reward.zeta", "tracker.backend")
 
 
 # ------------------------------------------------------------------------------------------------ the sections
@@ -64,12 +65,15 @@ def run_section(data: RunData) -> list[str]:
         out.append("`python -m expertchat " + " ".join(shlex.quote(o) for o in data.overrides) + "`")
     else:
         out.append("The command is not recorded (no `.hydra/overrides.yaml`).")
+    if data.sweep is not None:
+        out += ["", f"Job {data.sweep['job']} of the multirun in `{data.sweep['dir']}` (its table: "
+                    f"`python -m expertchat.report {data.sweep['dir']}`)."]
     if data.choices:
         out += ["", "Config groups: " + ", ".join(f"{k}={v}" for k, v in sorted(data.choices.items())) + "."]
     if data.config is None:
         return out + ["", "No recorded config (`config.yaml`)."]
     rows = []
-    for key in _KEYS:  # a group of keys (evaluation) as its leaves
+    for key in _RATE_KEYS if data.mode == "rate" else _KEYS:  # a group of keys (evaluation, rate) as its leaves
         value = get(data.config, key)
         leaves = value.items() if isinstance(value, dict) else [("", value)]
         rows += [[f"{key}.{k}" if k else key, v] for k, v in leaves if v is not None and not isinstance(v, dict)]
@@ -183,6 +187,8 @@ def training_section(data: RunData) -> list[str]:
 
 
 def evaluation_section(data: RunData) -> list[str]:
+    if data.mode == "rate":
+        return []
     out = ["", "## Held-out evaluation", ""]
     if not data.evals:
         more = f" (eval.jsonl holds {len(data.eval_rows)} answers but no summary)" if data.eval_rows else ""

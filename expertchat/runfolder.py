@@ -42,6 +42,7 @@ class RunData:
     status: dict[str, Any] | None = None
     bad_lines: dict[str, int] = field(default_factory=dict)
     just_finished: bool = False  # read by the run itself as it ends (its status file still says running)
+    sweep: dict[str, Any] | None = None  # a multirun's job: {"dir": the sweep folder, "job": its number}
 
     @property
     def rounds(self) -> int | None:
@@ -74,7 +75,7 @@ class RunData:
         """``(state, how it is known)``: the status file's ``status`` (running / done / failed) when there is one,
         else ``done`` when every stage marker is there, else ``incomplete``; ``empty`` for nothing at all."""
         if self.just_finished:
-            return "done", "the run has just finished; its status file is written after this report"
+            return "done", "written by the run as it finished"
         if self.status is not None:
             err = self.status.get("error")
             return str(self.status.get("status")), f"status.json{': ' + err if err else ''}"
@@ -94,7 +95,9 @@ class RunData:
         if self.mode == "run":
             out += [f"{name}" for name, rows in (("turns.jsonl", self.turns), ("ratings.jsonl", self.ratings))
                     if not rows]
-            if not self.train and any(s == "training" for _, s in self.markers):
+            trained = [m for (_, s), mk in self.markers.items() if s == "training"
+                       for m in (mk.get("roles") or {}).values() if isinstance(m, dict) and m.get("steps")]
+            if not self.train and trained:  # training.steps=0 logs nothing
                 out.append("train_metrics.jsonl")
             if not self.evals:
                 out.append("evaluation (stages/*.evaluation.json): no evaluation in this run")
@@ -118,6 +121,8 @@ def load(run_dir: str | Path) -> RunData:
     hydra = _yaml(root / ".hydra" / "hydra.yaml") or {}
     choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
     data.choices = {k: str(v) for k, v in choices.items() if v and not str(k).startswith("hydra/")}
+    if get(hydra, "hydra.mode") == "MULTIRUN":
+        data.sweep = {"dir": get(hydra, "hydra.sweep.dir"), "job": get(hydra, "hydra.job.num")}
     data.turns = _jsonl(root, "turns.jsonl", data.bad_lines)
     data.ratings = _jsonl(root, "ratings.jsonl", data.bad_lines)
     data.train = [r for r in _jsonl(root, "train_metrics.jsonl", data.bad_lines) if not r.get("final")]

@@ -114,7 +114,7 @@ def test_a_rate_folder_reports_its_summary_with_cis(tmp_path):
          "judge": "smollm2_135m", "score": m, "categories": {"knowledge": m}, "similarity": m, "reward": m}))
     text = report.write_report(run).read_text()
     assert "## Ratings (mode=rate)" in text and "| reward | 3 | 0.100 [0.000, 0.200] |" in text
-    assert "**State: done** (rate_summary.json)" in text
+    assert "**State: done** (rate_summary.json)" in text and "## Held-out evaluation" not in text
 
 
 class Recorder(Tracker):
@@ -151,7 +151,7 @@ def test_the_run_reports_itself_done_before_its_status_file_says_so(tmp_path):
     running = {"status": "running", "error": None, "overrides": [], "started": "2026-11-30T20:00:00"}
     run = make_run(tmp_path / "run", rounds=1, status=running)
     assert report.after_run(run, Tracker(), just_finished=True) == run / "report.md"
-    assert "**State: done** (the run has just finished" in (run / "report.md").read_text()
+    assert "**State: done** (written by the run as it finished)" in (run / "report.md").read_text()
     report.write_report(run)  # rebuilt later while the status file still says running (e.g. killed since)
     assert "**State: running** (status.json)" in (run / "report.md").read_text()
 

@@ -30,7 +30,8 @@ def test_expected_jobs_are_hydras_cartesian_product():
 
 
 def test_failed_unfinished_and_missing_jobs_are_listed_never_dropped(tmp_path):
-    failed = {"status": "failed", "error": "ran out of memory", "overrides": [], "started": "t"}
+    failed = {"status": "failed", "error": "ran out of memory", "started": "2026-11-30T20:00:00",
+              "overrides": ["+experiment=smoke", "reward.zeta=0.4", "seed=1"]}
     root = make_sweep(tmp_path / "sweep", TASK, {0: {}, 1: {"stop_after": (0, "rating"), "status": failed}, 2: None})
     text = sweep.write_sweep_report(root).read_text()
     rows = rows_of(text)
@@ -40,6 +41,7 @@ def test_failed_unfinished_and_missing_jobs_are_listed_never_dropped(tmp_path):
     assert "reward.zeta=0.0" in rows["0"] and "**done**" in rows["0"]
     assert f"{d['mean']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" in rows["0"]
     assert "**failed**" in rows["1"] and "ran out of memory" in rows["1"] and "no evaluation" in rows["1"]
+    assert "differ" not in rows["1"]
     assert "**missing**" in rows["2"] and "reward.zeta=1.0" in rows["2"] and "no folder 2/" in rows["2"]
     for job in ("1", "2"):  # no number invented for a job that has none
         cells = [c.strip() for c in rows[job].split("|")[5:13]]
@@ -82,3 +84,25 @@ def test_a_sweep_with_nothing_to_report_exits_2(tmp_path, capsys):
     (tmp_path / "bad" / "multirun.yaml").write_text("hydra: {}\n")
     assert report.main([str(tmp_path / "bad")]) == 2
     assert "cannot read the sweep's overrides" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_real_multirun_gets_its_sweep_report(tmp_path):
+    """The CLI's own multirun (two smoke jobs, no training), then its report; a job folder removed since is
+    listed as missing."""
+    import shutil
+
+    from tests.test_main import run_cli
+
+    root = tmp_path / "sweep"
+    proc = run_cli("-m", "+experiment=smoke", "training.steps=0", "seed=0,1,2", f"hydra.sweep.dir={root}",
+                   "tracker=wandb", env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all((root / str(i) / "report.md").exists() for i in range(3))  # each job ended with its report
+    assert f"Job 1 of the multirun in `{root}`" in (root / "1" / "report.md").read_text()
+    shutil.rmtree(root / "2")
+    assert report.main([str(root)]) == 0
+    rows = rows_of((root / "sweep.md").read_text())
+    assert "seed=0" in rows["0"] and "**done**" in rows["0"] and "[report](0/report.md)" in rows["0"]
+    assert "**done**" in rows["1"] and "**missing**" in rows["2"] and "seed=2" in rows["2"]
+    assert "3 jobs: 2 done, 1 missing" in (root / "sweep.md").read_text()
