@@ -137,6 +137,7 @@ def length_per_round(series: dict[str, dict[str, list[float]]], path: Path, titl
                     label=name)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_ylabel("new tokens per answer (mean +- s.e.)")
+    ax.set_xlabel("round (held-out: the base models, then after round r's training)")
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.legend()

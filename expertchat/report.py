@@ -160,7 +160,7 @@ def samples_section(data: RunData, width: int = 600) -> list[str]:
             text = text if len(text) <= width else text[:width] + " [...]"
             wim = str((r or {}).get("wim") or "").strip()[:200]
             rating = (f"reward {fmt(r.get('reward'))}, score {fmt(r.get('score'), 2)}, similarity "
-                      f"{fmt(r.get('similarity'))}; WIM: \"{wim}\"") if r else "not rated"
+                      f"{fmt(r.get('similarity'))}; " + (f"WIM: \"{wim}\"" if wim else "no WIM")) if r else "not rated"
             out += [f"- **{t.get('role')}** (turn {t.get('turn')}, {t.get('new_tokens')} tokens"
                     f"{', cut' if t.get('finished') is False else ''}): {text or '(empty)'}",
                     f"  - *{rating}*"]

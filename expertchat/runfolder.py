@@ -78,6 +78,8 @@ class RunData:
             return "done", "written by the run as it finished"
         if self.status is not None:
             err = self.status.get("error")
+            if self.status.get("status") == "running":  # a job killed outside Python (OOM, SIGKILL) stays running
+                err = "still running, or killed before it could record its end (out of memory, SIGKILL, time limit)"
             return str(self.status.get("status")), f"status.json{': ' + err if err else ''}"
         if self.empty():
             return "empty", "no records, stage markers or evaluation"

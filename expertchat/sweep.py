@@ -6,7 +6,8 @@ The expected jobs are the cartesian product of the swept overrides in ``multirun
 so a job whose folder is missing is listed ``missing``, a job that failed or never finished is listed with its
 state (contract B's ``status.json``; without one, its stage markers), and no number is written for a job that has
 none. Per job: the held-out reward change vs base with its 95% CI, the win-rate and the length ratio of each model
-at the job's last evaluation point (contract A), and the partner-rated reward of its last rated round. Each job
+at the job's last evaluation point (contract A) with the hacking guards beside it (length and distinct-2 ratios to
+the base, cut and copied fractions), and the partner-rated reward of its last rated round. Each job
 folder with records also gets its own ``report.md`` (``report.main``), linked from its row.
 """
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.md"
 SWEEP_PLOT = "sweep.png"
+_GUARDS = ("length_ratio", "distinct_2_ratio", "cut_fraction", "copied_fraction")  # beside the reward
 
 
 def read_task(sweep_dir: Path) -> list[str]:
@@ -65,12 +67,14 @@ def job_row(num: int, expected: list[str], swept: list[str], folder: Path) -> di
         why += f"; its overrides {own} differ from the sweep's {expected}"
     row.update(state=state, why=why)
     last = next((e for e in reversed(data.evals) if e.get("round") != "base"), None)
+    if last is None and data.evals:
+        row["point"] = "base only"
     if last is not None:
         row["point"] = last.get("round")
         for role, m in (last.get("models") or {}).items():
             d = m.get("delta_vs_base") or {}
-            row["models"][role] = {"mean": d.get("mean"), "ci": d.get("ci"), "win_rate": m.get("win_rate"),
-                                   "length_ratio": m.get("length_ratio"), "distinct_2_ratio": m.get("distinct_2_ratio")}
+            row["models"][role] = {"mean": d.get("mean"), "ci": d.get("ci"),
+                                   **{k: m.get(k) for k in ("win_rate", *_GUARDS)}}
     rated = groups(data.ratings, "round", "ratee")
     last_round = max((r for r, _ in rated if isinstance(r, int)), default=None)
     row["rated"] = {ratee: mean([x.get("reward") for x in rs]) for (r, ratee), rs in rated.items() if r == last_round}
@@ -99,7 +103,7 @@ def render(sweep_dir: Path, swept: list[str], rows: list[dict[str, Any]], plot: 
     header = ["job", "swept overrides", "state", "eval point"]
     for role in roles:
         header += [f"{role} change vs base [95% CI]", f"{role} win rate", f"{role} length ratio",
-                   f"{role} distinct-2 ratio"]
+                   f"{role} distinct-2 ratio", f"{role} cut", f"{role} copied"]
     header += [f"{role} partner-rated reward" for role in roles] + ["report", "why"]
     body = []
     for r in rows:
@@ -107,8 +111,7 @@ def render(sweep_dir: Path, swept: list[str], rows: list[dict[str, Any]], plot: 
         cells = [r["job"], r["label"], f"**{r['state']}**", point]
         for role in roles:
             m = r["models"].get(role) or {}
-            cells += [ci(m.get("mean"), m.get("ci")), fmt(m.get("win_rate"), 2), fmt(m.get("length_ratio"), 2),
-                      fmt(m.get("distinct_2_ratio"), 2)]
+            cells += [ci(m.get("mean"), m.get("ci")), *[fmt(m.get(k), 2) for k in ("win_rate", *_GUARDS)]]
         cells += [fmt(r["rated"].get(role)) for role in roles]
         cells += [f"[report]({r['report']})" if r.get("report") else "", r["why"]]
         body.append(cells)

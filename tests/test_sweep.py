@@ -44,7 +44,7 @@ def test_failed_unfinished_and_missing_jobs_are_listed_never_dropped(tmp_path):
     assert "differ" not in rows["1"]
     assert "**missing**" in rows["2"] and "reward.zeta=1.0" in rows["2"] and "no folder 2/" in rows["2"]
     for job in ("1", "2"):  # no number invented for a job that has none
-        cells = [c.strip() for c in rows[job].split("|")[5:13]]
+        cells = [c.strip() for c in rows[job].split("|")[5:17]]
         assert all(c == "n/a" for c in cells), cells
     assert "3 jobs: 1 done, 1 failed, 1 missing" in text
     assert (root / "sweep.png").read_bytes()[:4] == b"\x89PNG"
