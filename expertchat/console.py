@@ -18,22 +18,26 @@ log = logging.getLogger("expertchat")
 
 
 class _LogProgress:
-    """A progress counter that logs ``desc: n/total unit (rate/s)`` every ``total / lines`` units."""
+    """A progress counter that logs ``desc: n/total unit (rate/s, ETA)`` every ``total / lines`` units, and at an
+    update at least ``every_s`` seconds after its last line (a long stage in a Slurm log shows it is alive)."""
 
-    def __init__(self, total: int, desc: str, unit: str, lines: int) -> None:
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total: int, desc: str, unit: str, lines: int, every_s: float = 300.0) -> None:
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.n = 0
         self.every = max(1, -(-total // max(lines, 1)))
         self.next_at = self.every
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
         self.postfix = ""
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.n >= self.next_at or self.n >= self.total:
-            rate = self.n / max(time.perf_counter() - self.start, 1e-9)
-            log.info("%s: %d/%d %ss (%.2f/s)%s", self.desc, self.n, self.total, self.unit, rate,
+        now = time.perf_counter()
+        if self.n >= self.next_at or self.n >= self.total or now - self.last >= self.every_s:
+            rate = self.n / max(now - self.start, 1e-9)
+            eta = f", {(self.total - self.n) / rate:.0f} s left" if 0 < self.n < self.total else ""
+            log.info("%s: %d/%d %ss (%.2f/s%s)%s", self.desc, self.n, self.total, self.unit, rate, eta,
                      f"; {self.postfix}" if self.postfix else "")
+            self.last = now
             while self.next_at <= self.n:
                 self.next_at += self.every
 
@@ -58,9 +62,10 @@ class _NoProgress:
         pass
 
 
-def open_progress(total: int, enabled: bool, desc: str, unit: str = "it", lines: int = 4) -> Any:
+def open_progress(total: int, enabled: bool, desc: str, unit: str = "it", lines: int = 10) -> Any:
     """A progress counter with ``update(n)``, ``set_postfix(**values)`` and ``close()``: a tqdm bar where stderr
-    is a terminal, at most ``lines`` log lines where it is not, nothing when not ``enabled`` or ``total <= 0``.
+    is a terminal; where it is not (a Slurm log), a log line every ``total / lines`` units and at an update at
+    least 5 minutes after the last line; nothing when not ``enabled`` or ``total <= 0``.
 
     Args:
         total: units of work expected.
@@ -79,7 +84,7 @@ def open_progress(total: int, enabled: bool, desc: str, unit: str = "it", lines:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, enabled: bool, desc: str, unit: str = "it", lines: int = 4) -> Iterator[Any]:
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "it", lines: int = 10) -> Iterator[Any]:
     """:func:`open_progress` as a context manager that closes the counter on exit."""
     bar = open_progress(total, enabled, desc, unit, lines)
     try:
@@ -170,8 +175,8 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append("  evaluation  " + "; ".join(
             f"{role} held-out reward {fmt(m['reward_mean'])}, vs base {fmt((m['delta_vs_base'] or {}).get('mean'))} "
             f"(win-rate {fmt(m['win_rate'], 2)})" for role, m in evaluated.items()))
-    out.append(f"  run folder  {root} (turns.jsonl, ratings.jsonl, train_metrics.jsonl, rewards_by_round.json, "
-               f"eval.jsonl, expertchat.log)")
+    out.append(f"  run folder  {root} (report.md, turns.jsonl, ratings.jsonl, train_metrics.jsonl, "
+               f"rewards_by_round.json, eval.jsonl, expertchat.log)")
     if trained:
         out.append(f"  adapters    {root}/adapters/round_{rounds - 1}/{{{','.join(trained)}}}")
     return out

@@ -170,7 +170,8 @@ class Judge:
         order = sorted(range(len(items)), key=lambda i: -len(enc[i]["prefix"]))
         expected_wim = wim and cfg.mode == "expected"
         chunks = self._chunks(order, enc, need_likelihood) if rubric_keys or need_likelihood or expected_wim else []
-        with progress_bar(len(items), progress, desc, unit="turn") as bar:
+        parse = max(cfg.batch_size, -(-len(items) // 10)) if cfg.mode == "parse" else 0  # items per parse pass
+        with progress_bar(len(items) * (bool(chunks) + bool(parse)), progress, desc, unit="turn") as bar:
             for chunk in chunks:
                 tail = len(pr.after_ids) + max(len(enc[i]["ans"]) for i in chunk) + 1 if need_likelihood else 1
                 self._prefix_pass(chunk, enc, out, rubric_keys, tail, need_likelihood, expected_wim)
@@ -179,8 +180,9 @@ class Judge:
                 if rubric_keys and calibrate:
                     self._content_free_answer(chunk, enc, out, rubric_keys)
                 bar.update(len(chunk))
-        if cfg.mode == "parse":
-            self._parse_pass(items, out, wim)
+            for lo in range(0, len(items) if parse else 0, parse or 1):  # parse mode generates: the slow part
+                self._parse_pass(items[lo:lo + parse], out[lo:lo + parse], wim)
+                bar.update(len(items[lo:lo + parse]))
         for i in range(len(items)):
             out[i]["answer_tokens"], out[i]["answer_total_tokens"] = len(enc[i]["ans"]), enc[i]["total"]
             if "cond" in out[i]:

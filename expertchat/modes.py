@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from expertchat import console, tracking
+from expertchat import console, report, tracking
 from expertchat.config import MODES, ExpertChatConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
     tracker = tracking.make_tracker(cfg.tracker, cfg.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
     try:
         summary = module.run(cfg, tracker, checked)
+        report.after_run(cfg.run_dir, tracker, just_finished=True)  # report.md, plots, tracked tables; never raises
     except BaseException:
         tracker.finish(exit_code=1)
         raise

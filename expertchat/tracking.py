@@ -36,6 +36,12 @@ class Tracker:
     def log_summary(self, summary: dict[str, Any]) -> None:
         """Record end-of-run values (shown in the run's summary, not as curves)."""
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Record a table (e.g. every dialogue turn with its rating), one list of cells per row."""
+
+    def log_images(self, images: dict[str, str | os.PathLike[str]]) -> None:
+        """Record image files (the report's plots) under their names."""
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run; ``exit_code`` != 0 marks it failed."""
 
@@ -55,10 +61,13 @@ class WandbTracker(Tracker):
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         self._axes: set[str] = set()
+        job = sweep_job()  # in a multirun: the sweep folder groups the jobs, the swept overrides name each one
+        if job is not None:
+            config = {**config, "sweep": job}
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group or _sweep_group(), name=cfg.name or root.name,
-            tags=list(cfg.tags), dir=str(root), mode=cfg.mode, config=config, id=run_id, resume="allow",
-            reinit="create_new",
+            project=cfg.project, entity=cfg.entity, group=cfg.group or (job or {}).get("group"),
+            name=cfg.name or (job and " ".join(job["swept"]) or None) or root.name, tags=list(cfg.tags),
+            dir=str(root), mode=cfg.mode, config=config, id=run_id, resume="allow", reinit="create_new",
         )
         log.info("W&B run %s (%s) in %s", run_id, cfg.mode, root / "wandb")
 
@@ -81,6 +90,16 @@ class WandbTracker(Tracker):
         for key, value in _flatten(summary).items():
             self.run.summary[key] = value
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        import wandb
+
+        self.run.log({f"tables/{name}": wandb.Table(columns=columns, data=rows)})
+
+    def log_images(self, images: dict[str, str | os.PathLike[str]]) -> None:
+        import wandb
+
+        self.run.log({f"plots/{name}": wandb.Image(str(path)) for name, path in images.items()})
+
     def finish(self, exit_code: int = 0) -> None:
         import wandb
 
@@ -97,16 +116,34 @@ def make_tracker(cfg: TrackerConfig, run_dir: str | os.PathLike[str], config: di
     return Tracker()
 
 
-def _sweep_group() -> str | None:
-    """In a Hydra multirun, the sweep folder's name groups its jobs; otherwise no group."""
+def sweep_job() -> dict[str, Any] | None:
+    """In a Hydra multirun: ``{"group"`` (the sweep folder's last two parts, e.g. ``2026-11-30_20-00-00``),
+    ``"dir"``, ``"job"`` (its number), ``"overrides"`` (the job's task overrides), ``"swept"`` (those whose key
+    the sweep varies, read from ``<sweep dir>/multirun.yaml``; all of them when it cannot be read)``}``; ``None``
+    outside a multirun."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        return "_".join(Path(hc.sweep.dir).parts[-2:]) if hc.mode == RunMode.MULTIRUN else None
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        overrides = list(hc.overrides.task)
+        job = {"group": "_".join(Path(hc.sweep.dir).parts[-2:]), "dir": str(hc.sweep.dir), "job": hc.job.num,
+               "overrides": overrides, "swept": overrides}
     except (ImportError, ValueError, AttributeError):  # not inside a Hydra job
         return None
+    import yaml
+
+    from expertchat.errors import ExpertChatError
+    from expertchat.runfolder import sweep_overrides, swept_only
+
+    try:
+        multirun = yaml.safe_load((Path(hc.sweep.dir) / "multirun.yaml").read_text(encoding="utf-8"))
+        job["swept"] = swept_only(overrides, sweep_overrides(multirun["hydra"]["overrides"]["task"])[0])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ExpertChatError):
+        pass
+    return job
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:

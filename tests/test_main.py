@@ -52,6 +52,9 @@ def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert sorted(str(r["round"]) for r in evals) == ["0"] * 4 + ["base"] * 4 and all(r["tokens"] <= 8 for r in evals)
     assert json.loads((out / "stages/round_0.evaluation.json").read_text())["models"]["judge"]["delta_vs_base"]
+    report = (out / "report.md").read_text()  # every run ends with its report
+    assert "**State: done**" in report and "## Ratings per round and model" in report and "## Training" in report
+    assert {p.name for p in (out / "plots").glob("*.png")} >= {"training.png", "length.png", "rating_categories.png"}
     files = {name: (out / name).read_text()
              for name in ("turns.jsonl", "ratings.jsonl", "train_metrics.jsonl", "eval.jsonl")}
     # rerunning into the same folder resumes: nothing is regenerated or duplicated

@@ -33,6 +33,18 @@ def test_a_mode_that_returns_finishes_its_tracker(recorder, monkeypatch, tmp_pat
     assert recorder.finished == [0]
 
 
+def test_a_finished_run_ends_with_its_report_and_a_failed_report_fails_nothing(recorder, monkeypatch, tmp_path):
+    from tests.report_helpers import make_run
+
+    run_dir = make_run(tmp_path / "run", rounds=1)
+    monkeypatch.setattr(pipeline, "check", lambda cfg: (None, {}))
+    monkeypatch.setattr(pipeline, "run", lambda cfg, tracker, checked: {"ok": True})
+    assert modes.run(ExpertChatConfig(run_dir=str(run_dir))) == {"ok": True}
+    assert "**State: done**" in (run_dir / "report.md").read_text() and recorder.finished == [0]
+    monkeypatch.setattr("expertchat.plots.draw", lambda data: 1 / 0)  # a broken report: the run still succeeds
+    assert modes.run(ExpertChatConfig(run_dir=str(run_dir))) == {"ok": True} and recorder.finished == [0, 0]
+
+
 def test_a_mode_that_fails_marks_its_tracker_failed(recorder, monkeypatch, tmp_path):
     def boom(cfg, tracker, checked):
         raise ExpertChatError("the judge failed")

@@ -148,3 +148,4 @@ def test_cli_rates_mt_bench_answers_with_smollm2(tmp_path, mt_bench):
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     assert all(1 <= r["score"] <= 10 and r["wim_status"] in {"ok", "empty", "truncated"} for r in rows)
     assert "1 bad" in proc.stdout and "score (weighted)" in proc.stdout
+    assert "## Ratings (mode=rate)" in (tmp_path / "run" / "report.md").read_text()  # rate runs end with a report
