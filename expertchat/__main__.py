@@ -229,6 +229,13 @@ def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
         sys.exit(code)
     for line in jobs.sweep_lines(sweep, swept or None, ended=True):
         print(line)
+    try:  # the numbers of each job (held-out reward change, win-rate, length): sweep.md and sweep.png
+        from expertchat.sweep import write_sweep_report
+
+        print(f"sweep report: {write_sweep_report(sweep)}")
+    except Exception as exc:  # noqa: BLE001 - a report must never hide the sweep's own outcome
+        print(f"expertchat: warning: no sweep report ({first_line(exc)}); python -m expertchat.report {sweep}",
+              file=sys.stderr)
     failed = jobs.sweep_failed(sweep)
     if failed:
         print(f"expertchat: error: {len(failed)} sweep job(s) did not finish: job {', '.join(map(str, failed))} "

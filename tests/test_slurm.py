@@ -65,20 +65,23 @@ def test_a_zeta_sweep_runs_three_slurm_jobs_to_completion(tmp_path):
     assert len(array_ids) == 1
     table = stdout.splitlines()
     assert any(line.startswith(f"sweep {out}: 3 job(s)") for line in table)
-    assert table[-1] == "3 done"
+    assert table[-2] == "3 done" and table[-1] == f"sweep report: {out / 'sweep.md'}"
+    report = (out / "sweep.md").read_text()
+    assert all(f"reward.zeta={z}" in report for z in ("0.0", "0.4", "1.0")) and "3 jobs: 3 done" in report
     assert "Bypassing sacct error" not in stderr
 
 
 def test_a_failing_job_leaves_the_others_intact_and_the_sweep_exits_non_zero(tmp_path):
     # the first value is valid (the entrypoint checks the first job before submitting); 7 fails in its job
-    rc, stdout, stderr = finish(sweep(tmp_path, "reward.zeta=0.4,7", "training.steps=0")[0])
+    rc, stdout, stderr = finish(sweep(tmp_path, "reward.zeta=0.4,7", "training.steps=0",
+                                              "evaluation.enabled=false")[0])
     out = tmp_path / "sweep"
     assert rc == 1
     ok, bad = status(out / "0"), status(out / "1")
     assert ok["status"] == "done" and len(lines(out / "0" / "turns.jsonl")) == 4
     assert bad["status"] == "failed" and bad["error"] == "config error: reward.zeta is 7.0; it must be in [0, 1]"
     assert bad["slurm_job_id"].split("_")[0] == ok["slurm_job_id"].split("_")[0]
-    assert "1 done, 1 failed" in stdout
+    assert "1 done, 1 failed" in stdout and "failed" in (out / "sweep.md").read_text()
     assert stderr.strip().splitlines()[-1].startswith("expertchat: error: 1 sweep job(s) did not finish: job 1")
 
 
@@ -100,5 +103,7 @@ def test_a_requeued_job_resumes_without_losing_or_duplicating_records(tmp_path):
     assert len(keys) == len(set(keys)) == 4 * 4  # every turn once
     rated = [(r["dialogue_id"], r["turn"], r["rater"]) for r in lines(out / "0" / "ratings.jsonl")]
     assert len(rated) == len(set(rated)) == 4 * 4
+    answers = [(r["round"], r["role"], r["prompt_id"], r["sample"]) for r in lines(out / "0" / "eval.jsonl")]
+    assert len(answers) == len(set(answers)) == 2 * 2 * 2  # base and round 0, both roles, 2 held-out prompts
     log = (out / "0" / "expertchat.log").read_text()
     assert "resuming" in log or "nothing left to do" in log
