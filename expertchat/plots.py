@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DPI = 110
 PLOTS_DIR = "plots"  # in the run folder
 _TRAIN_PANELS = (("loss", "DPO loss"), ("rewards/margins", "reward margin (chosen - rejected, x beta)"),
-                 ("objective/kl", "KL(policy || reference)"), ("objective/scores", "judge's reward of the samples"))
+                 ("objective/kl", "KL(policy || reference), TRL's estimate"), ("objective/scores", "judge's reward of the samples"))
 
 
 def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.0) -> tuple[Any, Any]:
@@ -74,6 +74,7 @@ def eval_reward(evals: list[dict[str, Any]], path: Path) -> Path | None:
             ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=4, label=role)
     axes[0][1].axhline(0.0, color="grey", lw=0.8, ls="--")
     for ax, title in zip(axes[0], ("held-out reward (95% CI)", "change vs base, paired (95% CI)")):
+        ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_xticks(range(len(labels)), [f"round {x}" if x != "base" else "base" for x in labels])
         ax.set_title(title)
         ax.set_xlabel("evaluation point (after round r's training)")

@@ -98,7 +98,8 @@ class WandbTracker(Tracker):
     def log_images(self, images: dict[str, str | os.PathLike[str]]) -> None:
         import wandb
 
-        self.run.log({f"plots/{name}": wandb.Image(str(path)) for name, path in images.items()})
+        if images:
+            self.run.log({f"plots/{name}": wandb.Image(str(path)) for name, path in images.items()})
 
     def finish(self, exit_code: int = 0) -> None:
         import wandb
