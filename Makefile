@@ -48,8 +48,13 @@ test-slow: $(VENV)/.installed-dev      # learning: the embedded SmolLM2 learning
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: $(VENV)/.installed   # llama-cpp-python (the llama.cpp column) compiles for minutes
+	$(PIP) -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) experiments/benchmarks/bench_dialogue.py
+	$(PY) experiments/benchmarks/bench_training.py
 	$(PY) experiments/benchmarks/bench_rating.py
 
 clean:

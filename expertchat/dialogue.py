@@ -34,6 +34,7 @@ class Dialogue:
     topic: str
     turns: list[dict[str, Any]] = field(default_factory=list)
     step_seconds: dict[int, float] = field(default_factory=dict)  # turn -> seconds of its batched step (not a record)
+    reused_tokens: dict[int, int] = field(default_factory=dict)  # turn -> prompt tokens from the prefix cache
 
     def view(self, role: str, opening: str) -> list[tuple[bool, str]]:
         """The dialogue as ``role`` sees it: (is_own_turn, text), starting with the partner's message."""
@@ -102,6 +103,7 @@ def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], 
             "new_tokens": out.new_tokens, "finished": out.finished,
         }
         d.step_seconds[turn] = round(seconds, 4)  # wall-clock: kept out of the records (deterministic)
+        d.reused_tokens[turn] = out.reused_tokens
         d.turns.append(record)
         store.append(TURNS_FILE, record)
     new = sum(o.new_tokens for o in outputs)
@@ -133,10 +135,14 @@ def summarize(dialogues: list[Dialogue]) -> dict[str, Any]:
         steps.update(d.step_seconds)
     seconds = sum(steps.values())
     tokens = sum(t["new_tokens"] for t in turns)
+    prompt_tokens = sum(t["prompt_tokens"] for t in turns)
     return {
         "dialogues": len(dialogues), "turns": len(turns), "new_tokens": tokens,
         "seconds": round(seconds, 3), "tok_per_s": round(tokens / max(seconds, 1e-9), 1),
         "step_seconds": [steps[t] for t in sorted(steps)],
+        # prompt tokens fed to the model (prefix caching reuses the rest)
+        "prompt_tokens": prompt_tokens, "prefilled_tokens": prompt_tokens - sum(sum(d.reused_tokens.values())
+                                                                                for d in dialogues),
         "cut_at_max_new_tokens": sum(not t["finished"] for t in turns),
         "empty_turns": sum(not t["text"] for t in turns),
     }

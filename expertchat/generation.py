@@ -53,6 +53,7 @@ class Generated:
         prompt_tokens: number of prompt tokens fed to the model (after truncation).
         new_tokens: number of generated tokens, including a final stop token if one was produced.
         finished: True if a stop token ended the turn, False if ``max_new_tokens`` was reached.
+        reused_tokens: leading prompt tokens taken from the prefix cache instead of prefilled.
     """
 
     text: str
@@ -60,6 +61,7 @@ class Generated:
     prompt_tokens: int
     new_tokens: int
     finished: bool
+    reused_tokens: int = 0
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: GenerationConfig,
@@ -116,9 +118,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             for key in saver.keys:
                 store.drop(key)
         texts = tokenizer.batch_decode([ids for ids, _ in outputs], skip_special_tokens=True)
-        for i, (ids, finished), text in zip(chunk, outputs, texts):
+        reused = [n for _, n in saver.matches] if saver is not None else [0] * len(chunk)
+        for i, (ids, finished), text, n in zip(chunk, outputs, texts, reused):
             results[i] = Generated(text=text.strip(), token_ids=ids, prompt_tokens=len(encoded[i]),
-                                   new_tokens=len(ids) + int(finished), finished=finished)
+                                   new_tokens=len(ids) + int(finished), finished=finished, reused_tokens=n)
     return results  # type: ignore[return-value]
 
 

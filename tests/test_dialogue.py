@@ -88,6 +88,9 @@ def test_prefix_caching_changes_no_token(smol_tokenizer, tmp_path, top_k):
     runs = [run_dialogues(pair, TOPICS, cfg, GenerationConfig(max_new_tokens=6, top_k=top_k, prefix_cache_gb=gb),
                           RunStore(tmp_path / str(gb)), seed=1, progress=False) for gb in (0.0, 1.0)]
     assert records(runs[0]) == records(runs[1])
+    plain, cached = summarize(runs[0]), summarize(runs[1])
+    assert plain["prefilled_tokens"] == plain["prompt_tokens"] == cached["prompt_tokens"]
+    assert cached["prefilled_tokens"] < cached["prompt_tokens"] / 2  # turns 2-5 reuse most of their prompt
 
 
 @pytest.mark.e2e

@@ -16,7 +16,8 @@ chat template) with the same sampling settings (``conf/generation/high_temp.yaml
 
 The paths run alternately (A, B, C, A, B, C, ...; ``repeats`` times) and each figure is the median over repeats.
 tok/s = generated tokens (stop tokens included) over wall time. ``step_seconds``: the stage's per-turn step times
-at 32 dialogues; ``turn8_vs_turn1`` = last turn's step time / first turn's. ``load1``: the 1-minute load average
+at 32 dialogues; ``turn8_vs_turn1`` = last turn's step time / first turn's; ``prefilled_fraction``: the share of
+the stage's prompt tokens that were prefilled (the rest came from the prefix cache), overall and at the last turn. ``load1``: the 1-minute load average
 at the start and the end. Progress (one JSON line per run) goes to stderr.
 """
 
@@ -70,7 +71,11 @@ def stage(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: Generati
         dialogues = run_dialogues({"actor": lm, "judge": lm}, topics, cfg, gen, RunStore(tmp), progress=False)
         seconds = time.perf_counter() - start
     s = summarize(dialogues)
-    return {"tok_s": s["new_tokens"] / seconds, "seconds": seconds, "step_seconds": s["step_seconds"]}
+    last = len(dialogues[0].turns) - 1
+    prompt_last = sum(d.turns[last]["prompt_tokens"] for d in dialogues)
+    return {"tok_s": s["new_tokens"] / seconds, "seconds": seconds, "step_seconds": s["step_seconds"],
+            "prefilled_fraction": s["prefilled_tokens"] / s["prompt_tokens"],
+            "prefilled_fraction_last_turn": 1 - sum(d.reused_tokens[last] for d in dialogues) / prompt_last}
 
 
 def lockstep_generate(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
@@ -170,7 +175,7 @@ def main() -> None:
         note(skipped=skipped)
     runs = alternate(paths, args.repeats)
 
-    tok_s = {name: round(median(r, "tok_s"), 1) for name, r in runs.items()}
+    tok_s = {name: round(median(r, "tok_s"), 2) for name, r in runs.items()}
     steps = median_list(runs[f"stage{big}"], "step_seconds")
     result = {f"{name}_tok_s": v for name, v in tok_s.items()}
     result.update({
@@ -180,6 +185,8 @@ def main() -> None:
         f"ratio{big}_vs_seed": round(tok_s[f"stage{big}"] / tok_s["seed"], 2),
         f"turn{args.turns}_vs_turn1": round(steps[-1] / steps[0], 2),
         f"turn1_vs_generate{big}": round(median_list(runs[f"generate{big}"], "step_seconds")[0] / steps[0], 2),
+        "prefilled_fraction": round(median(runs[f"stage{big}"], "prefilled_fraction"), 3),
+        "prefilled_fraction_last_turn": round(median(runs[f"stage{big}"], "prefilled_fraction_last_turn"), 3),
         "step_seconds": steps, "step_seconds_noprefix": median_list(runs[f"stage_noprefix{big}"], "step_seconds"),
         "step_seconds_generate": median_list(runs[f"generate{big}"], "step_seconds"),
         "llamacpp": skipped or "single-stream, same GGUF (Q4_1), same sampling settings",
