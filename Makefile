@@ -51,8 +51,13 @@ test-slurm: $(VENV)/.installed-dev    # sweeps on a real Slurm: needs launchers/
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: $(VENV)/.installed   # llama-cpp-python (the llama.cpp column) compiles for minutes
+	$(PIP) -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) experiments/benchmarks/bench_dialogue.py
+	$(PY) experiments/benchmarks/bench_training.py
 	$(PY) experiments/benchmarks/bench_rating.py
 
 clean:

@@ -57,6 +57,7 @@ class GenerationConfig:
     top_k: int = 0  # 0: no top-k filter when sampling; contrastive search needs top_k >= 1
     penalty_alpha: float = 0.6  # contrastive search: weight of the degeneration penalty
     batch_size: int = 32  # most sequences per forward pass
+    prefix_cache_gb: float = 2.0  # dialogues: each role's KV cache kept between its turns, at most this many GiB; 0: off
 
     def __post_init__(self) -> None:
         check(self.strategy in {"sample", "contrastive"}, "generation.strategy",
@@ -69,6 +70,7 @@ class GenerationConfig:
         check(self.strategy != "contrastive" or self.top_k >= 1, "generation.top_k",
                "must be >= 1 for contrastive search")
         check(self.batch_size > 0, "generation.batch_size", "must be > 0")
+        check(self.prefix_cache_gb >= 0, "generation.prefix_cache_gb", "must be >= 0 (0: no prefix caching)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from expertchat.config import DialogueConfig, GenerationConfig
 from expertchat.console import progress_bar
 from expertchat.generation import generate
 from expertchat.models import LoadedModel, render_prompt
+from expertchat.prefixcache import PrefixStore
 from expertchat.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Dialogue:
     topic: str
     turns: list[dict[str, Any]] = field(default_factory=list)
     step_seconds: dict[int, float] = field(default_factory=dict)  # turn -> seconds of its batched step (not a record)
+    reused_tokens: dict[int, int] = field(default_factory=dict)  # turn -> prompt tokens from the prefix cache
 
     def view(self, role: str, opening: str) -> list[tuple[bool, str]]:
         """The dialogue as ``role`` sees it: (is_own_turn, text), starting with the partner's message."""
@@ -64,25 +66,35 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
             transcript ``dialogues/<id>.md``.
     """
     dialogues = [Dialogue(f"r{round_idx}-d{i:03d}", topic) for i, topic in enumerate(topics)]
-    with progress_bar(cfg.turns * len(dialogues), progress, f"round {round_idx} dialogues", unit="turn") as bar:
-        for turn in range(cfg.turns):
-            _turn(dialogues, turn, models, cfg, generation, store, round_idx, seed)
-            bar.update(len(dialogues))
+    # Each role's KV cache of every dialogue, kept between its turns (prefix caching); freed at the end.
+    caches = {role: PrefixStore(generation.prefix_cache_gb) for role in ROLES} if generation.prefix_cache_gb else {}
+    try:
+        with progress_bar(cfg.turns * len(dialogues), progress, f"round {round_idx} dialogues", unit="turn") as bar:
+            for turn in range(cfg.turns):
+                _turn(dialogues, turn, models, cfg, generation, store, round_idx, seed, caches.get(speaker(turn)))
+                bar.update(len(dialogues))
+    finally:
+        for cache in caches.values():
+            cache.clear()
     for d in dialogues:
         store.write_text(f"dialogues/{d.id}.md", transcript(d, cfg))
     return dialogues
 
 
 def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], cfg: DialogueConfig,
-          generation: GenerationConfig, store: RunStore, round_idx: int, seed: int) -> None:
-    """Generate turn ``turn`` of every dialogue in one batched call; append each to ``turns.jsonl``."""
+          generation: GenerationConfig, store: RunStore, round_idx: int, seed: int,
+          cache: PrefixStore | None = None) -> None:
+    """Generate turn ``turn`` of every dialogue in one batched call; append each to ``turns.jsonl``.
+
+    ``cache``: the speaker's prefix store (reused between its turns; nothing kept after its last turn)."""
     role = speaker(turn)
     lm = models[role]
     prompts = [render_prompt(lm.tokenizer, cfg.persona(role, d.topic), context(d, role, turn, cfg))
                for d in dialogues]
     start = time.perf_counter()
     outputs = generate(lm.model, lm.tokenizer, prompts, generation, stop_token_ids=lm.stop_token_ids,
-                       seed=seed + 1000 * round_idx + turn, max_prompt_tokens=lm.cfg.max_length)
+                       seed=seed + 1000 * round_idx + turn, max_prompt_tokens=lm.cfg.max_length,
+                       store=cache, keys=[d.id for d in dialogues], keep=turn + 2 < cfg.turns)
     seconds = time.perf_counter() - start
     for d, out in zip(dialogues, outputs):
         record = {
@@ -91,6 +103,7 @@ def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], 
             "new_tokens": out.new_tokens, "finished": out.finished,
         }
         d.step_seconds[turn] = round(seconds, 4)  # wall-clock: kept out of the records (deterministic)
+        d.reused_tokens[turn] = out.reused_tokens
         d.turns.append(record)
         store.append(TURNS_FILE, record)
     new = sum(o.new_tokens for o in outputs)
@@ -122,10 +135,14 @@ def summarize(dialogues: list[Dialogue]) -> dict[str, Any]:
         steps.update(d.step_seconds)
     seconds = sum(steps.values())
     tokens = sum(t["new_tokens"] for t in turns)
+    prompt_tokens = sum(t["prompt_tokens"] for t in turns)
     return {
         "dialogues": len(dialogues), "turns": len(turns), "new_tokens": tokens,
         "seconds": round(seconds, 3), "tok_per_s": round(tokens / max(seconds, 1e-9), 1),
         "step_seconds": [steps[t] for t in sorted(steps)],
+        # prompt tokens fed to the model (prefix caching reuses the rest)
+        "prompt_tokens": prompt_tokens, "prefilled_tokens": prompt_tokens - sum(sum(d.reused_tokens.values())
+                                                                                for d in dialogues),
         "cut_at_max_new_tokens": sum(not t["finished"] for t in turns),
         "empty_turns": sum(not t["text"] for t in turns),
     }

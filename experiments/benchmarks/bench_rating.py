@@ -12,7 +12,9 @@ The same ``n`` (context, turn) pairs (MT-Bench questions from ``tests/data/judge
 ``*_per_s`` = rated turns per second of wall time, scores only; ``*_wim_per_s`` the same with the WIM critique
 (expected: a 48-token greedy continuation on the cached prefix; parse: the [[[WIM]]] of the rating replies, or a
 WIM generation where they hold none; parse mode runs once, its WIM generations timed apart). ``ratio`` =
-expected / parse. Progress goes to stderr, one JSON line per phase.
+expected / parse. The four timed paths alternate (A, B, C, D, A, B, ...; ``--repeats`` times) and each figure is the
+median over repeats, so that a change in the machine's load hits all of them; ``load1``: the 1-minute load average
+at start and end. Progress goes to stderr, one JSON line per run.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from benchlib import alternate, load, median  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from expertchat.config import JudgingConfig, ModelConfig  # noqa: E402
@@ -54,14 +58,16 @@ def pairs(n: int, turn_tokens: int, tokenizer) -> list[RatingItem]:
     return items[:n]
 
 
-def timed(judge: Judge, items: list[RatingItem], wim: bool) -> tuple[float, list]:
+def timed(judge: Judge, items: list[RatingItem], wim: bool) -> dict:
     start = time.perf_counter()
     res = judge.rate(items, wim=wim)
-    return time.perf_counter() - start, res
-
-
-def note(**kwargs) -> None:
-    print(json.dumps(kwargs), file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    out = {"seconds": seconds, "parse_scored": sum(j.score is not None for j in res),
+           "parse_wims_from_replies": sum(j.wim_status == "parsed" for j in res)}
+    if judge.cfg.mode == "parse":  # the rating generations timed apart from the WIM generations
+        out.update(with_wim=seconds, seconds=seconds - judge.seconds["wim_generation"],
+                   parse_failures=judge.counts["parse_failures"])
+    return out
 
 
 def main() -> None:
@@ -71,6 +77,7 @@ def main() -> None:
     ap.add_argument("--parse-new-tokens", type=int, default=256)
     ap.add_argument("--parse-batch-size", type=int, default=32, help="prompts per generation batch in parse mode")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,17 +90,19 @@ def main() -> None:
     parse_cfg.parse.max_new_tokens = args.parse_new_tokens
     parse_cfg.batch_size = args.parse_batch_size
     Judge(lm, expected_cfg).rate(items[:2], wim=True)  # warm-up (first-call allocations)
-
-    t_exp, _ = timed(Judge(lm, expected_cfg), items, wim=False)
-    t_exp_wim, _ = timed(Judge(lm, expected_cfg), items, wim=True)
-    t_rubric, _ = timed(Judge(lm, preset("rubric")), items, wim=False)
-    note(phase="expected", seconds=round(t_exp, 2), with_wim=round(t_exp_wim, 2), rubric=round(t_rubric, 2))
-    # Parse mode, once with the WIM: the rating generations are timed apart from the WIM generations (for the
+    load_start = load()
+    # Parse mode runs with the WIM: its rating generations are timed apart from the WIM generations (for the
     # turns whose replies hold no [[[WIM]]]), so one pass gives both figures.
-    parse_judge = Judge(lm, parse_cfg)
-    t_parse_wim, res = timed(parse_judge, items, wim=True)
-    t_parse = t_parse_wim - parse_judge.seconds["wim_generation"]
-    note(phase="parse", seconds=round(t_parse, 2), with_wim=round(t_parse_wim, 2))
+    runs = alternate({
+        "expected": lambda: timed(Judge(lm, expected_cfg), items, wim=False),
+        "expected_wim": lambda: timed(Judge(lm, expected_cfg), items, wim=True),
+        "expected_rubric": lambda: timed(Judge(lm, preset("rubric")), items, wim=False),
+        "parse": lambda: timed(Judge(lm, parse_cfg), items, wim=True),
+    }, args.repeats)
+    t = {name: median(r, "seconds") for name, r in runs.items()}
+    t_exp, t_exp_wim, t_rubric, t_parse = t["expected"], t["expected_wim"], t["expected_rubric"], t["parse"]
+    t_parse_wim = median(runs["parse"], "with_wim")
+    last = runs["parse"][-1]
     print(json.dumps({
         "expected_per_s": round(n / t_exp, 3), "parse_per_s": round(n / t_parse, 4),
         "ratio": round(t_parse / t_exp, 1),
@@ -101,12 +110,12 @@ def main() -> None:
         "ratio_wim": round(t_parse_wim / t_exp_wim, 1),
         "expected_rubric_per_s": round(n / t_rubric, 3),
         "n": n, "categories": len(expected_cfg.rubric), "turn_tokens": args.turn_tokens,
-        "parse_new_tokens": args.parse_new_tokens, "parse_failures": parse_judge.counts["parse_failures"],
-        "parse_scored": sum(j.score is not None for j in res),
-        "parse_wims_from_replies": sum(j.wim_status == "parsed" for j in res),
+        "parse_new_tokens": args.parse_new_tokens, "parse_failures": last["parse_failures"],
+        "parse_scored": last["parse_scored"], "parse_wims_from_replies": last["parse_wims_from_replies"],
         "seconds": {"expected": round(t_exp, 2), "expected_wim": round(t_exp_wim, 2),
                     "expected_rubric": round(t_rubric, 2), "parse": round(t_parse, 2),
                     "parse_wim": round(t_parse_wim, 2)},
+        "repeats": args.repeats, "load1": [load_start, load()],
         "threads": torch.get_num_threads(), "device": str(next(lm.model.parameters()).device),
         "dtype": str(lm.model.dtype),
     }))
