@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.02  # how often a watched run's folder is looked at
 RUN_TIMEOUT_S = 300
-STAGES = ("dialogue", "rating", "training")
+STAGES = ("dialogue", "rating", "training", "evaluation")
 ROLES = ("actor", "judge")
 TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")  # store.write_text's temporary file: .<name>.tmp<pid>
 
@@ -100,6 +100,7 @@ def keyed(path: Path, key: tuple[str, ...], ignore: tuple[str, ...] = ()) -> dic
 
 
 TURN_ID = ("round", "dialogue_id", "turn")
+EVAL_ID = ("round", "role", "prompt_id", "sample")
 RATING_ID = ("round", "rater", "ratee", "dialogue_id", "turn")
 def metrics_keyed(path: Path) -> set[tuple]:
     """train_metrics.jsonl's ids: TRL's end-of-training log (train_runtime, ...) shares the last step's number,
@@ -132,6 +133,7 @@ def snapshot(run_dir: Path) -> dict:
         "ratings": keyed(run_dir / "ratings.jsonl", RATING_ID),
         "metrics": metrics_keyed(run_dir / "train_metrics.jsonl"),
         "rewards": json.loads((run_dir / "rewards_by_round.json").read_text()),
+        "eval": keyed(run_dir / "eval.jsonl", EVAL_ID),  # greedy answers, frozen judge: deterministic
     }
 
 
@@ -208,6 +210,7 @@ def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(reference, 
     assert set(snap["ratings"]) == set(reference["ratings"]), "ratings.jsonl: record ids differ from the reference"
     assert snap["ratings"] == reference["ratings"], "ratings.jsonl: scores differ from the reference"
     assert snap["metrics"] == reference["metrics"], "train_metrics.jsonl: (round, role, step) differ"
+    assert snap["eval"] == reference["eval"], "eval.jsonl: the held-out answers or their scores differ"
     assert [(r["round"], r["model"]) for r in snap["rewards"]] == [(r["round"], r["model"])
                                                                    for r in reference["rewards"]], \
         "rewards_by_round.json does not hold every trained round"
@@ -216,8 +219,8 @@ def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(reference, 
 
     # the rerun says where it resumed and what it set aside, in one line
     resumed = [line for line in output.splitlines() if re.search(r"\bresuming\b", line)]
-    if point.startswith("e-"):  # every stage was done: nothing resumes
-        assert not resumed and "nothing left to do" in output, resumed
+    if point.startswith("e-"):  # training was done: the rerun goes on with the round's evaluation
+        assert len(resumed) == 1 and "at round 0 evaluation" in resumed[0], resumed
         return
     assert len(resumed) == 1, f"expected one resume line, got {resumed}"
     interrupted = {"a-": "turns", "b-": "ratings", "c-": "train_metrics", "d-": "train_metrics"}.get(point[:2])
