@@ -86,7 +86,9 @@ def test_a_failing_job_leaves_the_others_intact_and_the_sweep_exits_non_zero(tmp
 
 
 def test_a_requeued_job_resumes_without_losing_or_duplicating_records(tmp_path):
-    proc, out = sweep(tmp_path, "topics.n=4", "dialogue.turns=4", "generation.max_new_tokens=24")
+    # long enough (~1.5 min on an idle 2-core machine) that Slurm's KillWait (30 s) ends it before it finishes:
+    # submitit ignores the SIGTERM of a requeue, so a shorter job completes and is never rerun
+    proc, out = sweep(tmp_path, "topics.n=6", "dialogue.turns=6", "generation.max_new_tokens=32")
     turns = out / "0" / "turns.jsonl"
     deadline = time.time() + 300
     while not (turns.exists() and turns.stat().st_size) and time.time() < deadline:
@@ -97,12 +99,12 @@ def test_a_requeued_job_resumes_without_losing_or_duplicating_records(tmp_path):
     rc, stdout, stderr = finish(proc)  # Slurm makes the requeued job eligible ~120 s later (DESIGN.md)
     assert rc == 0, stderr[-3000:]
     st = status(out / "0")
-    assert st["status"] == "done" and st["restarts"] >= 1
+    assert st["status"] == "done" and st["restarts"] >= 1, f"the job was not rerun after the requeue: {st}"
     records = lines(turns)
     keys = [(r["dialogue_id"], r["turn"]) for r in records]
-    assert len(keys) == len(set(keys)) == 4 * 4  # every turn once
+    assert len(keys) == len(set(keys)) == 6 * 6  # every turn once
     rated = [(r["dialogue_id"], r["turn"], r["rater"]) for r in lines(out / "0" / "ratings.jsonl")]
-    assert len(rated) == len(set(rated)) == 4 * 4
+    assert len(rated) == len(set(rated)) == 6 * 6
     answers = [(r["round"], r["role"], r["prompt_id"], r["sample"]) for r in lines(out / "0" / "eval.jsonl")]
     assert len(answers) == len(set(answers)) == 2 * 2 * 2  # base and round 0, both roles, 2 held-out prompts
     log = (out / "0" / "expertchat.log").read_text()
