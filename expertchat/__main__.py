@@ -176,15 +176,22 @@ def first_job(args: list[str]) -> tuple[list[str], list[str]] | None:
     return job, swept
 
 
+def launcher_profile(args: list[str]) -> tuple[str | None, Path | None]:
+    """The ``hydra/launcher=NAME`` the command picks (the last one wins) and its file in ``conf/``, or None for the
+    file when no profile is picked or it is not one of ours (preflight names the choices)."""
+    profile = next((a.partition("=")[2] for a in reversed(args) if a.startswith("hydra/launcher=")), None)
+    path = Path(CONF_DIR, "hydra", "launcher", f"{profile}.yaml") if profile else None
+    return profile, path if path is not None and path.exists() else None
+
+
 def check_launcher(args: list[str]) -> None:
     """A Slurm launcher profile needs the submitit plugin and a Slurm that answers: else one line saying how to
     start the local cluster or pick another launcher."""
     import shutil
     import subprocess
 
-    profile = next((a.partition("=")[2] for a in reversed(args) if a.startswith("hydra/launcher=")), None)
-    path = Path(CONF_DIR, "hydra", "launcher", f"{profile}.yaml")
-    if profile is None or not path.exists() or "submitit_slurm" not in path.read_text():
+    profile, path = launcher_profile(args)
+    if path is None or "submitit_slurm" not in path.read_text():
         return  # the basic launcher, or an unknown profile (preflight names the choices)
     import importlib.util
 
@@ -207,9 +214,8 @@ def check_launcher(args: list[str]) -> None:
 def check_hardware(job: list[str]) -> None:
     """A GPU cluster's launcher profile takes the node's GPUs, CPUs and memory from ``hardware``: with the default
     ``hardware=cpu`` it would ask Slurm for no GPU, so that is one line before anything is submitted."""
-    profile = next((a.partition("=")[2] for a in reversed(job) if a.startswith("hydra/launcher=")), None)
-    path = Path(CONF_DIR, "hydra", "launcher", f"{profile}.yaml")
-    if profile is None or not path.exists():
+    profile, path = launcher_profile(job)
+    if path is None:
         return
     from hydra import compose, initialize_config_dir
 
