@@ -5,22 +5,25 @@ Decisions:
 * **Reference = the round-start policy** (``training.reference=previous``). Each role keeps ONE adapter that
   continues training across rounds, so ``adapters/round_<r>/<role>/`` alone (on the base) is the policy of
   round r. At the start of a training stage the adapter is copied into a frozen ``<role>_start`` adapter,
-  which serves as DPO reference and as the judge that the partner is scored by. Nothing is merged, so this is
-  exact also on a quantized (QLoRA) base, and works when both roles share one base. (TRL's own PEFT
-  reference, the base with adapters disabled, is ``training.reference=base``.)
+  which serves as DPO reference and as the judge that the partner is scored by. Nothing is merged into the
+  base, so this is exact also on a quantized (QLoRA) base, and works when both roles share one base. (TRL's
+  own PEFT reference, the base with adapters disabled, is ``training.reference=base``.)
 * **One base, two adapters** when actor and judge share weights (``models.load_pair``): the base is wrapped
   once by PEFT with adapters ``actor`` and ``judge``. Every stage reaches a model through a
-  :class:`ModelView`, which runs the shared base with its role's adapter (or the base, adapters disabled,
-  before the role has one) and restores adapter, trainable flags and train/eval mode afterwards. While the
-  actor trains, its judge is the judge's ``judge_start`` adapter (the base in round 0): frozen, eval mode,
-  no grad; and the other way round.
+  :class:`~expertchat.views.ModelView`, which runs the shared base with its role's adapter (or the base,
+  adapters disabled, before the role has one) and restores adapter, trainable flags and train/eval mode
+  afterwards. While the actor trains, its judge is the judge's ``judge_start`` adapter (the base in round 0):
+  frozen, eval mode, no grad; and the other way round.
+* **Inference on merged copies** where they fit (``training.lora.merged_copies``, :mod:`expertchat.merging`):
+  a view calls a copy of base + adapter merged, made on first use and dropped when the adapter changes
+  (training, loading). The round-start snapshot takes over its policy's copy, so at most two copies live at
+  a time: the two policies between training stages, the two snapshots (judges and references) within one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import warnings
@@ -32,8 +35,10 @@ import torch
 from expertchat.config import TrainingConfig
 from expertchat.dialogue import ROLES
 from expertchat.errors import ExpertChatError
+from expertchat.merging import MergedCopies
 from expertchat.models import LoadedModel, base_name, is_quantized
 from expertchat.store import RunStore
+from expertchat.views import AdapterSwitch, ModelView, Reference
 
 log = logging.getLogger(__name__)
 
@@ -62,121 +67,6 @@ def freeze_adapter(peft: Any, name: str) -> None:
     for n, p in peft.named_parameters():
         if f".{name}." in n:
             p.requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------ switch and views
-
-
-class AdapterSwitch:
-    """Switches the LoRA adapter a PEFT-wrapped model computes with, fast and reversibly.
-
-    PEFT's ``set_adapter`` / ``disable_adapter`` walk every module (about 2000 in SmolLM2) and toggle
-    ``requires_grad``: 16-26 ms per call here, as much as a decode step, and a view is called once per generated
-    token. This sets the active adapter (or the disabled flag) on the LoRA layers only, caching the layer list,
-    and puts back exactly what was there; trainable flags are never touched (views run without grad). It relies
-    on PEFT's ``BaseTunerLayer._active_adapter`` / ``_disable_adapters`` (peft 0.21; a test checks that a view
-    computes what ``set_adapter`` gives).
-    """
-
-    def __init__(self, peft: Any) -> None:
-        self.peft = peft
-        self._key: tuple[str, ...] | None = None
-        self._layers: list[Any] = []
-        self._modules: list[torch.nn.Module] = []
-
-    def _refresh(self) -> None:
-        key = tuple(self.peft.peft_config)
-        if key != self._key:  # adapters were added or removed: LoRA layers may have appeared
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self._modules = list(self.peft.modules())
-            self._layers = [m for m in self._modules if isinstance(m, BaseTunerLayer)]
-            self._key = key
-
-    @contextlib.contextmanager
-    def use(self, adapter: str | None) -> Iterator[None]:
-        """Compute with ``adapter`` (``None``: the base, adapters disabled), in eval mode, then restore."""
-        self._refresh()
-        saved = [(m._active_adapter, m._disable_adapters) for m in self._layers]
-        # eval mode: gradient checkpointing (active in train mode) would turn the KV cache off
-        training = [m for m in self._modules if m.training] if self.peft.training else []
-        for m in training:
-            m.training = False
-        for m in self._layers:
-            if adapter is None:
-                m._disable_adapters = True
-            else:
-                m._active_adapter, m._disable_adapters = adapter, False
-        try:
-            yield
-        finally:
-            for m, (active, disabled) in zip(self._layers, saved):
-                m._active_adapter, m._disable_adapters = active, disabled
-            for m in training:
-                m.training = True
-
-
-class ModelView:
-    """A model handle that runs a (possibly shared) PEFT-wrapped base with one adapter active, or with the
-    adapters disabled, always without grad and in eval mode, and restores the base's state afterwards.
-    ``forward``, ``__call__`` and ``generate`` switch; everything else (``config``, ``parameters()``,
-    ``generation_config``, ...) is the underlying model's.
-
-    Args:
-        model: the underlying transformers model (PEFT injects its LoRA layers into it in place).
-        resolve: returns ``(AdapterSwitch or None, adapter name or None)`` at call time: no switch (no PEFT
-            wrapper yet) means the plain model; ``None`` as adapter means the base with adapters disabled.
-    """
-
-    def __init__(self, model: torch.nn.Module, resolve: Callable[[], tuple[AdapterSwitch | None, str | None]]):
-        self._model = model
-        self._resolve = resolve
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def __repr__(self) -> str:
-        switch, adapter = self._resolve()
-        return f"ModelView({type(self._model).__name__}, adapter={adapter if switch is not None else 'none'})"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self.active():
-            return self._model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self.active():
-            return self._model.generate(*args, **kwargs)
-
-    @property
-    def forward(self) -> Callable[..., Any]:
-        @functools.wraps(self._model.forward)  # keeps the signature (generation code inspects it)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            with self.active():
-                return self._model.forward(*args, **kwargs)
-
-        return forward
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        switch, adapter = self._resolve()
-        with torch.no_grad():
-            if switch is None:
-                yield
-            else:
-                with switch.use(adapter):
-                    yield
-
-
-class _Reference(torch.nn.Module):
-    """The DPO reference as TRL wants it (a module, not the policy object): a :class:`ModelView` of the
-    policy's base with the reference adapter. Holds no parameters; the view is kept out of the module tree."""
-
-    def __init__(self, view: ModelView) -> None:
-        super().__init__()
-        self._view = [view]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._view[0](*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- policies
@@ -210,6 +100,7 @@ class Policies:
         self._switch: dict[int, AdapterSwitch] = {}  # id(base model) -> its adapter switch
         self._trained: set[str] = set()  # roles that have an adapter (or trained full weights)
         self._start: dict[str, Any] = {}  # during a training stage: role -> its round-start snapshot
+        self.merged = MergedCopies(cfg.lora.merged_copies)  # inference on base + adapter merged, when it fits
         self.models = {role: self._view(role, self._policy_adapter) for role in ROLES}
 
     def _prepare_full(self, models: dict[str, LoadedModel]) -> None:
@@ -245,8 +136,14 @@ class Policies:
         if self.cfg.method == "full":
             return lm
         raw = lm.model
-        view = ModelView(raw, lambda: (self._switch.get(id(raw)), adapter(role)))
+        view = ModelView(raw, lambda: (self._switch.get(id(raw)), adapter(role)),
+                         lambda: self._merged_copy(raw, adapter(role)))
         return LoadedModel(lm.name, view, lm.tokenizer, lm.cfg)
+
+    def _merged_copy(self, raw: torch.nn.Module, adapter: str | None) -> torch.nn.Module | None:
+        """The merged copy of ``raw`` + ``adapter`` a view calls, or None (no adapter: the base itself)."""
+        peft = self._peft.get(id(raw))
+        return None if peft is None or adapter is None else self.merged.get(peft, adapter)
 
     def frozen(self, role: str) -> LoadedModel:
         """``role`` as it was at the start of the current training stage (its ``<role>_start`` adapter, or the
@@ -313,6 +210,9 @@ class Policies:
         try:
             yield
         finally:
+            for role, name in self._start.items():
+                if self.cfg.method != "full":
+                    self.merged.drop(self._peft[id(self.base[role].model)], name)
             self._start = {}
 
     def _snapshot(self) -> None:
@@ -329,6 +229,7 @@ class Policies:
                 peft.add_adapter(name, copy.deepcopy(peft.peft_config[role]))
             set_peft_model_state_dict(peft, get_peft_model_state_dict(peft, adapter_name=role), adapter_name=name)
             freeze_adapter(peft, name)
+            self.merged.rename(peft, role, name)  # the policy's merged copy (if any) serves the snapshot
             self._start[role] = name
 
     def policy(self, role: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -342,9 +243,11 @@ class Policies:
         peft.set_adapter(role)  # active and trainable; every other adapter frozen
         for name in self._start.values():
             freeze_adapter(peft, name)
+        self.merged.drop(peft, role)  # its weights are about to change
         raw = self.base[role].model
         ref_adapter = self._start.get(role) if self.cfg.reference == "previous" else None
-        return peft, _Reference(ModelView(raw, lambda: (self._switch.get(id(raw)), ref_adapter)))
+        # unmerged, as the policy computes: at the first step the policy's log-probs equal the reference's exactly
+        return peft, Reference(ModelView(raw, lambda: (self._switch.get(id(raw)), ref_adapter)))
 
     def after_training(self, role: str, ref_model: torch.nn.Module | None) -> None:
         """Put ``role``'s base back to inference (eval mode, KV cache on), also after a failed run. Full
@@ -364,6 +267,8 @@ class Policies:
     def mark_trained(self, role: str) -> None:
         """From now on ``role``'s view runs its own adapter (or trained weights)."""
         self._trained.add(role)
+        if self.cfg.method != "full":
+            self.merged.drop(self._peft[id(self.base[role].model)], role)
 
     # ---- saving and loading
     def save(self, store: RunStore, round_idx: int, role: str, card: str = "") -> str:
@@ -403,7 +308,7 @@ class Policies:
             if not (folder / "adapter_config.json").exists():
                 raise ExpertChatError(f"no adapter at {folder} (adapter_config.json missing): a run trained with "
                                       f"training.method=full cannot resume with method=lora")
-            self._wrap(role, load_from=str(folder))
+            self.merged.drop(self._wrap(role, load_from=str(folder)), role)
         self._trained.add(role)
         log.info("loaded %s's policy from %s", role, folder)
 

@@ -133,6 +133,9 @@ class LoraSettings:
     alpha: int = 16  # scaling: the update is (alpha / r) * B A
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # [all-linear]
+    # inference (dialogue, rating, evaluation, the partner's judging) on a copy of base + adapter merged:
+    # auto (when the base is not quantized and a copy fits in half the free memory) | always | never
+    merged_copies: str = "auto"
 
     def __post_init__(self) -> None:
         check(self.r > 0, "training.lora.r", "must be > 0")
@@ -140,6 +143,8 @@ class LoraSettings:
         check(0 <= self.dropout < 1, "training.lora.dropout", "must be in [0, 1)")
         check(len(self.target_modules) > 0, "training.lora.target_modules",
                "is empty; e.g. [q_proj,v_proj] or [all-linear]")
+        check(self.merged_copies in {"auto", "always", "never"}, "training.lora.merged_copies",
+              f"is '{self.merged_copies}'; use auto, always or never")
 
 
 @dataclass

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
+from trl.data_utils import maybe_apply_chat_template
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-from expertchat.config import TrainingConfig
+from expertchat.config import GenerationConfig, TrainingConfig
 from expertchat.console import open_progress
 from expertchat.errors import ExpertChatError, first_line
+from expertchat.generation import generate
 from expertchat.store import RunStore
 from expertchat.tracking import Tracker
 
@@ -169,6 +171,39 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
         optimizer.step = guarded_step
         optimizer._expertchat_guarded = True
         return optimizer
+
+    def _generate(self, model, prompts, images=None):
+        """TRL's completion sampling through ExpertChat's decode loop (:func:`expertchat.generation.generate`)
+        instead of ``model.generate``: the same prompt tensors (left-padded, each prompt twice), settings
+        (temperature, top_k, top_p, max_new_tokens, every eos id), torch's global RNG (seeded by the trainer) and
+        returned tensors (completions padded after their first stop token, which the mask includes). TRL's own
+        path serves what the loop does not do: images, repetition penalty, min_p, extra generation kwargs,
+        gradient checkpointing (no KV cache), several processes.
+
+        Returns:
+            ``prompt_ids, prompt_mask`` ``[2B, P]``, ``completion_ids, completion_mask`` ``[2B, C]``, None.
+        """
+        args = self.args
+        if (images is not None or self.repetition_penalty not in (None, 1.0) or self.min_p is not None
+                or args.generation_kwargs or args.gradient_checkpointing or self.accelerator.num_processes > 1):
+            return super()._generate(model, prompts, images)
+        texts = [maybe_apply_chat_template({"prompt": p}, self.processing_class)["prompt"] for p in prompts]
+        enc = self.processing_class(text=texts, return_tensors="pt", padding=True, padding_side="left",
+                                    add_special_tokens=False)
+        device = next(model.parameters()).device
+        prompt_ids, prompt_mask = enc["input_ids"].to(device).repeat(2, 1), enc["attention_mask"].to(device).repeat(2, 1)
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=self.temperature,
+                               top_k=self.top_k or 0, top_p=self.top_p, batch_size=2 * len(texts))
+        with torch.no_grad():
+            out = generate(self.accelerator.unwrap_model(model), self._tokenizer, texts + texts, cfg,
+                           stop_token_ids=self.eos_token_ids)
+        rows = [g.token_ids + ([g.stop_token] if g.finished else []) for g in out]
+        completion_ids = torch.full((len(rows), max(map(len, rows))), self._tokenizer.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros_like(completion_ids)
+        for i, row in enumerate(rows):
+            completion_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            completion_mask[i, :len(row)] = 1
+        return prompt_ids, prompt_mask, completion_ids.to(device), completion_mask.to(device), None
 
     def _forward(self, model, *args, **kwargs):
         logprobs = super()._forward(model, *args, **kwargs)

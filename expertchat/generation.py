@@ -54,6 +54,7 @@ class Generated:
         new_tokens: number of generated tokens, including a final stop token if one was produced.
         finished: True if a stop token ended the turn, False if ``max_new_tokens`` was reached.
         reused_tokens: leading prompt tokens taken from the prefix cache instead of prefilled.
+        stop_token: the stop token that ended the turn (None when none did).
     """
 
     text: str
@@ -62,6 +63,7 @@ class Generated:
     new_tokens: int
     finished: bool
     reused_tokens: int = 0
+    stop_token: int | None = None
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: GenerationConfig,
@@ -119,9 +121,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                 store.drop(key)
         texts = tokenizer.batch_decode([ids for ids, _ in outputs], skip_special_tokens=True)
         reused = [n for _, n in saver.matches] if saver is not None else [0] * len(chunk)
-        for i, (ids, finished), text, n in zip(chunk, outputs, texts, reused):
+        for i, (ids, stop), text, n in zip(chunk, outputs, texts, reused):
             results[i] = Generated(text=text.strip(), token_ids=ids, prompt_tokens=len(encoded[i]),
-                                   new_tokens=len(ids) + int(finished), finished=finished, reused_tokens=n)
+                                   new_tokens=len(ids) + int(stop is not None), finished=stop is not None,
+                                   reused_tokens=n, stop_token=stop)
     return results  # type: ignore[return-value]
 
 
@@ -181,8 +184,9 @@ class _Saver:
 @torch.inference_mode()
 def _decode_chunk(model: PreTrainedModel, prompts: list[list[int]], cfg: GenerationConfig, stops: torch.Tensor,
                   pad_id: int, generator: torch.Generator | None,
-                  saver: _Saver | None = None) -> list[tuple[list[int], bool]]:
-    """Decode one chunk of tokenized prompts; returns (new ids without the stop token, finished) per prompt."""
+                  saver: _Saver | None = None) -> list[tuple[list[int], int | None]]:
+    """Decode one chunk of tokenized prompts; returns (new ids without the stop token, the stop token or None)
+    per prompt."""
     matches = saver.matches if saver is not None else [(None, 0)] * len(prompts)
     layout = ChunkLayout(prompts, matches, pad_id, stops.device)
     if _contrastive(cfg):
@@ -192,9 +196,7 @@ def _decode_chunk(model: PreTrainedModel, prompts: list[list[int]], cfg: Generat
     out = []
     for row_tokens, done in zip(tokens.tolist(), finished.tolist()):
         ids = [t for t in row_tokens if t >= 0]
-        if done:
-            ids = ids[:-1]
-        out.append((ids, bool(done)))
+        out.append((ids[:-1], ids[-1]) if done else (ids, None))
     return out
 
 

@@ -215,7 +215,8 @@ class Judge:
         """One encoding of context + answer per item; the rubric suffixes, the answer's log-probs and the WIM
         continuation all read its cache."""
         pr = self.prompts
-        batch = PrefixBatch(self.lm, [enc[i]["prefix"] for i in chunk], tail_keep=tail, shared=len(pr.head_ids))
+        batch = PrefixBatch(self.lm, [enc[i]["prefix"] for i in chunk], tail_keep=tail, shared=len(pr.head_ids),
+                            reserve=self._reserve(wim))
         for key, probs, mass in self._distributions(batch, rubric_keys):
             for r, i in enumerate(chunk):
                 out[i].setdefault("dists", {})[key] = (probs[r].cpu(), float(mass[r]))
@@ -228,6 +229,12 @@ class Judge:
             for r, i in enumerate(chunk):
                 out[i]["wim"] = self.lm.tokenizer.decode(texts[r], skip_special_tokens=True)
 
+    def _reserve(self, wim: bool) -> int:
+        """Cache positions a prefix batch needs after its prefixes: the longest suffix run on it."""
+        pr = self.prompts
+        return max([len(ids) + 1 for ids in pr.rating_suffixes.values()]
+                   + [len(pr.wim_suffix) + self.cfg.wim_max_new_tokens if wim else 0])
+
     def _content_free_context(self, chunk: list[int], enc: list[dict[str, Any]], out: list[dict[str, Any]],
                               tail: int) -> None:
         """The answers' log-probs after a content-free context (the PMI's second term)."""
@@ -235,7 +242,7 @@ class Judge:
         cf_ctx = pr.context_ids(self.cfg.content_free)
         base = [pr.prefix(cf_ctx, enc[i]["ans"]) for i in chunk]
         batch = PrefixBatch(self.lm, [p for p, _ in base], tail_keep=tail,
-                            shared=len(pr.head_ids) + len(cf_ctx) + len(pr.middle_ids) - 1)
+                            shared=len(pr.head_ids) + len(cf_ctx) + len(pr.middle_ids) - 1, reserve=0)
         spans = [(st, st + len(enc[i]["ans"])) for (_, st), i in zip(base, chunk)]
         for i, lp in zip(chunk, batch.span_logprobs(spans)):
             out[i]["uncond"] = lp
@@ -245,7 +252,8 @@ class Judge:
         """The score distributions of a content-free answer in the same context (contextual calibration)."""
         pr = self.prompts
         cf_ans = pr.answer_ids(self.cfg.content_free)
-        batch = PrefixBatch(self.lm, [pr.prefix(enc[i]["ctx"], cf_ans)[0] for i in chunk], shared=len(pr.head_ids))
+        batch = PrefixBatch(self.lm, [pr.prefix(enc[i]["ctx"], cf_ans)[0] for i in chunk], shared=len(pr.head_ids),
+                            reserve=self._reserve(False))
         for key, probs, _ in self._distributions(batch, rubric_keys):
             for r, i in enumerate(chunk):
                 out[i].setdefault("cf_dists", {})[key] = probs[r].cpu()

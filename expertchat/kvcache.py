@@ -150,8 +150,10 @@ def make_cache(model: PreTrainedModel, capacity: int, preallocate: bool = True) 
 
 
 def forward_kwargs(model: PreTrainedModel) -> tuple[str, bool]:
-    """Name of the cache argument of ``model.forward`` and whether it accepts ``logits_to_keep``."""
-    params = inspect.signature(model.forward).parameters
+    """Name of the cache argument of ``model.forward`` and whether it accepts ``logits_to_keep`` (of the wrapped
+    model for a PEFT model, whose own forward takes ``**kwargs``)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(target.forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"
     return cache_arg, "logits_to_keep" in params
 
@@ -233,16 +235,21 @@ class PrefixBatch:
     close to the end of every prefix (it does: a fixed template tail follows the answer).
 
     ``shared`` leading tokens common to every prefix (the judge template's head) are run once and their cache
-    is copied to every row; the rows are padded between that head and the rest.
+    is copied to every row; the rows are padded between that head and the rest. ``reserve`` positions after
+    the prefixes are allocated with the cache (:class:`PreallocatedLayer`: suffixes and the WIM continuation
+    write in place); a longer suffix still fits (the buffer grows).
     """
 
-    def __init__(self, lm: LoadedModel, prefixes: list[list[int]], tail_keep: int = 1, shared: int = 0) -> None:
+    def __init__(self, lm: LoadedModel, prefixes: list[list[int]], tail_keep: int = 1, shared: int = 0,
+                 reserve: int = 0) -> None:
         self.model = lm.model
         self.cache_arg, self.has_keep = forward_kwargs(self.model)
         self.device = next(self.model.parameters()).device
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        self._new_cache = lambda: DynamicCache(config=self.model.config)
+        capacity = max(len(p) for p in prefixes) + reserve
+        self._new_cache = lambda: make_cache(self.model, capacity)
         self.cache = self._new_cache()
+        self.spent = False  # greedy() dropped finished rows: the cache no longer holds every prefix
         # a sliding-window layer cannot be cropped once past its window: such judges rerun prefix + suffix instead
         self.croppable = bool(getattr(self.cache, "is_croppable", True)) and not any(
             getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", []))
@@ -282,6 +289,7 @@ class PrefixBatch:
     def extend(self, suffix: list[int], keep: int) -> torch.Tensor:
         """Run the same ``suffix`` after every prefix; return the logits of its last ``keep`` positions
         (``[B, keep, V]``) and drop the suffix from the cache again."""
+        self._check_unspent()
         n = len(suffix)
         ids = torch.tensor(suffix, dtype=torch.long, device=self.device).expand(len(self.prefixes), n)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1]).expand(-1, n)], dim=1)
@@ -310,35 +318,50 @@ class PrefixBatch:
         return out
 
     def greedy(self, suffix: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
-        """Greedy continuation of ``prefix + suffix`` for every row (the WIM critique); the cache is restored."""
+        """Greedy continuation of ``prefix + suffix`` for every row (the WIM critique): ``B`` lists of new token
+        ids, stop token excluded. The batch's LAST use: rows leave the running batch as they finish (their cache
+        rows dropped, so they cost nothing), and the cache is spent afterwards.
+
+        Raises:
+            RuntimeError: the batch was already spent by an earlier ``greedy``.
+        """
+        self._check_unspent()
         n, b = len(suffix), len(self.prefixes)
         ids = torch.tensor(suffix, dtype=torch.long, device=self.device).expand(b, n)
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1]).expand(-1, n)], dim=1)
+        width = self.mask.shape[1] + n
+        mask = torch.ones(b, width + max_new_tokens, dtype=self.mask.dtype, device=self.device)
+        mask[:, :self.mask.shape[1]] = self.mask  # generated positions are always real tokens
         positions = self.next_pos + torch.arange(n, device=self.device)
         if not self.croppable:
             self.cache = self._new_cache()
             ids, positions = torch.cat([self.ids, ids], 1), torch.cat([self.positions, positions], 1)
-        logits = self._run(ids, mask, positions, 1)
+        self.spent = True
+        logits = self._run(ids, mask[:, :width], positions, 1)
         stops = set(stop_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
-        done = [False] * b
+        rows = list(range(b))  # the original row of each running cache row
         pos = positions[:, -1:]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)
+            running = []
             for r, t in enumerate(nxt.tolist()):
-                if not done[r]:
-                    if t in stops:
-                        done[r] = True
-                    else:
-                        tokens[r].append(t)
-            if all(done):
+                if t not in stops:
+                    tokens[rows[r]].append(t)
+                    running.append(r)
+            if not running or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if len(running) < len(rows):
+                keep = torch.tensor(running, device=self.device)
+                self.cache.batch_select_indices(keep)
+                mask, pos, nxt = mask.index_select(0, keep), pos.index_select(0, keep), nxt.index_select(0, keep)
+                rows = [rows[r] for r in running]
             pos = pos + 1
-            logits = self._run(nxt[:, None], mask, pos, 1)
-        if self.croppable:
-            self.cache.crop(-(self.cache.get_seq_length() - self.width))
+            logits = self._run(nxt[:, None], mask[:, :width + step + 1], pos, 1)
         return tokens
+
+    def _check_unspent(self) -> None:
+        if self.spent:
+            raise RuntimeError("PrefixBatch: greedy() has spent this batch's cache; build a new batch")
 
 
 def copy_last_position(cache: DynamicCache, source_rows: torch.Tensor) -> None:

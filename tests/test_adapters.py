@@ -8,7 +8,7 @@ import json
 import torch
 
 from expertchat.adapters import Policies
-from expertchat.config import ModelConfig
+from expertchat.config import LoraSettings, ModelConfig
 from expertchat.models import LoadedModel
 from expertchat.store import RunStore
 from expertchat.training import TRAIN_METRICS_FILE, train_round
@@ -67,7 +67,7 @@ def test_views_restore_the_training_state(smol_tokenizer, tmp_path):
 
 def test_views_compute_what_peft_set_adapter_gives(smol_tokenizer, tmp_path):
     models = tiny_pair(smol_tokenizer)
-    policies = Policies(models, cfg())
+    policies = Policies(models, cfg(lora=LoraSettings(merged_copies="never")))  # the switch (test_merging: copies)
     train_round(policies, 0, fake_dialogues(), length_reward, DCFG, RunStore(tmp_path))
     peft = next(iter(policies._peft.values()))
     views = {role: logits(policies.models[role], IDS) for role in ("actor", "judge")}

@@ -1,5 +1,6 @@
-"""The TRL coupling: tie-aware rewards, the masked trainer (ties change nothing, kept pairs do), TRL's logs in the
-run folder and the pipeline's tracker."""
+"""The TRL coupling: tie-aware rewards, the masked trainer (ties change nothing, kept pairs do), completions
+sampled by the project's decode loop (the same tensors, rewards and update as TRL's ``generate``), TRL's logs in
+the run folder and the pipeline's tracker."""
 
 from __future__ import annotations
 
@@ -146,6 +147,59 @@ class RecordingTracker(Tracker):
 
     def log(self, metrics, step):
         self.logged.append((dict(metrics), step))
+
+
+@pytest.mark.parametrize("top_k", [1, 0], ids=["greedy", "sampled"])
+def test_the_decode_loop_samples_what_trl_generate_samples(smol_tokenizer, tmp_path, monkeypatch, top_k):
+    """TRL's sampling through the project's loop: greedy (top_k=1), the very tensors, rewards and update that
+    ``model.generate`` gives; sampled, the same shapes and padding rules (the RNG streams differ)."""
+    import expertchat.dpo as dpo
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    make_args = dpo.online_dpo_args
+
+    def args_with_top_k(*a, **kw):
+        args = make_args(*a, **kw)
+        args.top_k = top_k
+        return args
+
+    monkeypatch.setattr(dpo, "online_dpo_args", args_with_top_k)
+    generated = []
+
+    def recorded(generate_fn):
+        def _generate(self, *a, **kw):
+            out = generate_fn(self, *a, **kw)
+            generated.append([t.clone() for t in out[:4]])
+            return out
+        return _generate
+
+    def run(path: str, generate_fn):
+        generated.clear()
+        seen = []
+
+        def reward_for(judge):
+            def reward(prompts, completions, **kwargs):
+                seen.append([c[0]["content"] for c in completions])
+                return [float(len(c[0]["content"]) % 7) for c in completions]
+            return reward
+
+        monkeypatch.setattr(dpo.MaskedOnlineDPOTrainer, "_generate", recorded(generate_fn))
+        policies = Policies(tiny_pair(smol_tokenizer), cfg(steps=2, bidirectional=False, max_new_tokens=8))
+        train_round(policies, 0, fake_dialogues(), reward_for, DCFG, RunStore(tmp_path / path), seed=5)
+        return [list(t) for t in generated], seen, lora_b(policies, "actor")
+
+    ours = run("ours", dpo.MaskedOnlineDPOTrainer._generate)
+    trl = run("trl", OnlineDPOTrainer._generate)
+    for (p1, m1, c1, k1), (p2, m2, c2, k2) in zip(ours[0], trl[0]):
+        assert torch.equal(p1, p2) and torch.equal(m1, m2)  # prompts: left-padded, each twice
+        assert c1.shape[0] == c2.shape[0]
+        for ids, mask in ((c1, k1), (c2, k2)):  # padded after the first stop token, which the mask includes
+            lengths = mask.sum(-1)
+            assert torch.equal(mask, (torch.arange(mask.shape[1]) < lengths[:, None]).long())
+    if top_k == 1:
+        assert all(torch.equal(a, b) for x, y in zip(ours[0], trl[0]) for a, b in zip(x, y))
+        assert ours[1] == trl[1]  # the same completions scored
+        assert all(torch.equal(a, b) for a, b in zip(ours[2], trl[2]))  # the same update
 
 
 def test_trainer_logs_into_the_pipeline_tracker_and_the_run_folder(smol_tokenizer, tmp_path):
