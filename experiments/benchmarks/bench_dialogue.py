@@ -8,17 +8,22 @@ chat template) with the same sampling settings (``conf/generation/high_temp.yaml
 * ``stage``: ExpertChat's dialogue stage (lockstep, own decode loop, each role's KV cache kept between its turns),
   at 8 and 32 dialogues;
 * ``stage_noprefix``: the same with ``generation.prefix_cache_gb=0`` (every turn prefills its whole prompt);
+* ``stage_sdpa``: the same with transformers' SDPA attention instead of ``grouped_decode`` (``expertchat/attention.py``);
+* ``stage_adapter`` / ``stage_adapter_unmerged``: the stage through trained LoRA adapters (r=8 on q/k/v/o, random
+  non-zero weights), on merged copies (``training.lora.merged_copies=auto``, the copies built within the run) /
+  through PEFT's layers (``never``);
 * ``generate``: what a user of transformers would write: lockstep dialogues, one batched ``model.generate`` per
-  turn on left-padded prompts, re-prefilling each turn, same dtype;
-* ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32;
+  turn on left-padded prompts, re-prefilling each turn, same dtype, transformers' default attention (SDPA);
+* ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32, SDPA;
 * ``llamacpp``: llama.cpp single-stream (``llama-cpp-python``, the ``bench`` extra) on the same GGUF, one dialogue
   at a time (it reuses the common prefix of consecutive prompts itself); skipped with a note when not installed.
 
 The paths run alternately (A, B, C, A, B, C, ...; ``repeats`` times) and each figure is the median over repeats.
 tok/s = generated tokens (stop tokens included) over wall time. ``step_seconds``: the stage's per-turn step times
 at 32 dialogues; ``turn8_vs_turn1`` = last turn's step time / first turn's; ``prefilled_fraction``: the share of
-the stage's prompt tokens that were prefilled (the rest came from the prefix cache), overall and at the last turn. ``load1``: the 1-minute load average
-at the start and the end. Progress (one JSON line per run) goes to stderr.
+the stage's prompt tokens that were prefilled (the rest came from the prefix cache), overall and at the last turn.
+``adapter_vs_base32``: the adapter stage's tok/s over the base stage's. ``load1``: the 1-minute load average at the
+start and the end. Progress (one JSON line per run) goes to stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from benchlib import alternate, load, median, median_list, note  # noqa: E402
 
-from expertchat.config import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig  # noqa: E402
+from expertchat.adapters import Policies  # noqa: E402
+from expertchat.config import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
+from expertchat.merging import MergedCopies  # noqa: E402
 from expertchat.dialogue import Dialogue, context, run_dialogues, speaker, summarize  # noqa: E402
 from expertchat.models import LoadedModel, load_model, package_dir, render_prompt  # noqa: E402
 from expertchat.store import RunStore  # noqa: E402
@@ -65,10 +72,33 @@ def cut(row: list[int], stops: list[int]) -> tuple[list[int], int]:
     return row, len(row)
 
 
-def stage(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
+def trained_policies(lm: LoadedModel) -> Policies:
+    """Both roles with a LoRA adapter of ``TrainingConfig()``'s shape on ``lm``, its B weights random (a fresh
+    adapter's are zero), as after a training stage."""
+    policies = Policies({"actor": lm, "judge": lm}, TrainingConfig())
+    for role in ("actor", "judge"):
+        peft = policies._wrap(role)
+        policies.mark_trained(role)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return policies
+
+
+def adapter_stage(policies: Policies, merged: str, topics: list[str], cfg: DialogueConfig,
+                  gen: GenerationConfig) -> dict:
+    policies.merged = MergedCopies(merged)  # a fresh set: building the copies counts
+    return stage(policies.models, topics, cfg, gen)
+
+
+def stage(lm: LoadedModel | dict[str, LoadedModel], topics: list[str], cfg: DialogueConfig,
+          gen: GenerationConfig) -> dict:
+    models = lm if isinstance(lm, dict) else {"actor": lm, "judge": lm}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        dialogues = run_dialogues({"actor": lm, "judge": lm}, topics, cfg, gen, RunStore(tmp), progress=False)
+        dialogues = run_dialogues(models, topics, cfg, gen, RunStore(tmp), progress=False)
         seconds = time.perf_counter() - start
     s = summarize(dialogues)
     last = len(dialogues[0].turns) - 1
@@ -159,15 +189,21 @@ def main() -> None:
     topics = load_topics(TopicsConfig(items=items), max(args.dialogues))
     load_start = load()
 
-    lm, fp32 = load_model(SMOLLM2), load_model(dataclasses.replace(SMOLLM2, dtype="float32"))
+    lm = load_model(SMOLLM2)  # attention: grouped_decode, the default on a CPU
+    sdpa = load_model(dataclasses.replace(SMOLLM2, attn_implementation="sdpa"))  # transformers' default
+    fp32 = load_model(dataclasses.replace(SMOLLM2, dtype="float32", attn_implementation="sdpa"))
+    policies = trained_policies(load_model(SMOLLM2))
     llm, skipped = llama_cpp_model(torch.get_num_threads())
     stage(lm, topics[:2], DialogueConfig(turns=2), gen)  # warm-up
     big = max(args.dialogues)
     paths = {}
     for n in args.dialogues:
         paths[f"stage{n}"] = lambda n=n: stage(lm, topics[:n], cfg, gen)
-        paths[f"generate{n}"] = lambda n=n: lockstep_generate(lm, topics[:n], cfg, gen)
+        paths[f"generate{n}"] = lambda n=n: lockstep_generate(sdpa, topics[:n], cfg, gen)
     paths[f"stage_noprefix{big}"] = lambda: stage(lm, topics[:big], cfg, dataclasses.replace(gen, prefix_cache_gb=0))
+    paths[f"stage_sdpa{big}"] = lambda: stage(sdpa, topics[:big], cfg, gen)
+    paths[f"stage_adapter{big}"] = lambda: adapter_stage(policies, "auto", topics[:big], cfg, gen)
+    paths[f"stage_adapter_unmerged{big}"] = lambda: adapter_stage(policies, "never", topics[:big], cfg, gen)
     paths["seed"] = lambda: seed_way(fp32, topics[:args.seed_dialogues], cfg, gen)
     if llm is not None:
         paths["llamacpp"] = lambda: llamacpp_way(llm, lm, topics[:args.llamacpp_dialogues], cfg, gen)
@@ -181,6 +217,9 @@ def main() -> None:
     result.update({
         f"ratio{big}_vs_generate": round(tok_s[f"stage{big}"] / tok_s[f"generate{big}"], 2),
         f"ratio{big}_vs_noprefix": round(tok_s[f"stage{big}"] / tok_s[f"stage_noprefix{big}"], 2),
+        f"ratio{big}_vs_sdpa": round(tok_s[f"stage{big}"] / tok_s[f"stage_sdpa{big}"], 2),
+        f"adapter_vs_base{big}": round(tok_s[f"stage_adapter{big}"] / tok_s[f"stage{big}"], 2),
+        f"adapter_unmerged_vs_base{big}": round(tok_s[f"stage_adapter_unmerged{big}"] / tok_s[f"stage{big}"], 2),
         f"ratio{big}_vs_llamacpp": round(tok_s[f"stage{big}"] / tok_s["llamacpp"], 2) if llm is not None else None,
         f"ratio{big}_vs_seed": round(tok_s[f"stage{big}"] / tok_s["seed"], 2),
         f"turn{args.turns}_vs_turn1": round(steps[-1] / steps[0], 2),
