@@ -36,8 +36,7 @@ class ModelConfig:
     max_length: int = 2048  # longest prompt fed to the model; longer dialogues are cut from the left
     trust_remote_code: bool = False
     hub_id: Optional[str] = None  # the hub id saved adapters name as their base (default: path, as given)
-    # sdpa | eager | flash_attention_2 | grouped_decode (None: grouped_decode on a CPU, transformers' sdpa on a GPU)
-    attn_implementation: Optional[str] = None
+    attn_implementation: Optional[str] = None  # sdpa | eager | flash_attention_2 (None: transformers' choice, sdpa)
 
     def __post_init__(self) -> None:
         check(self.dtype in {"auto", "float32", "bfloat16", "float16"}, "dtype", f"is '{self.dtype}'; "
@@ -362,7 +361,7 @@ class ExpertChatConfig:
 MODES = {"run": "expertchat.pipeline", "rate": "expertchat.rate", "eval": "expertchat.evaluation_mode",
          "plan": "expertchat.plan"}  # mode -> its module (run by expertchat/modes.py)
 
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "grouped_decode")  # transformers' names; expertchat/attention.py
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # ModelConfig.attn_implementation: transformers' names
 
 # Keys that may differ when a run is resumed into its folder: they change how it shows or how far it goes, not its
 # results (``rounds``: more rounds extend a finished run). Any other difference stops the rerun (resume=auto).

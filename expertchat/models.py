@@ -16,7 +16,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expertchat.attention import NAME, register
 from expertchat.errors import ExpertChatError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,11 +257,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
-    attention = cfg.attn_implementation or (NAME if device == "cpu" and not cfg.device_map else None)
-    if attention == NAME:  # expertchat/attention.py: grouped-query decode steps (10x SDPA's on a CPU)
-        register()
-    if attention:  # None: transformers picks (sdpa where it can)
-        kwargs["attn_implementation"] = attention
+    if cfg.attn_implementation:  # sdpa | eager | flash_attention_2 (None: transformers picks, sdpa where it can)
+        kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 

@@ -8,13 +8,12 @@ chat template) with the same sampling settings (``conf/generation/high_temp.yaml
 * ``stage``: ExpertChat's dialogue stage (lockstep, own decode loop, each role's KV cache kept between its turns),
   at 8 and 32 dialogues;
 * ``stage_noprefix``: the same with ``generation.prefix_cache_gb=0`` (every turn prefills its whole prompt);
-* ``stage_sdpa``: the same with transformers' SDPA attention instead of ``grouped_decode`` (``expertchat/attention.py``);
 * ``stage_adapter`` / ``stage_adapter_unmerged``: the stage through trained LoRA adapters (r=8 on q/k/v/o, random
   non-zero weights), on merged copies (``training.lora.merged_copies=auto``, the copies built within the run) /
   through PEFT's layers (``never``);
 * ``generate``: what a user of transformers would write: lockstep dialogues, one batched ``model.generate`` per
-  turn on left-padded prompts, re-prefilling each turn, same dtype, transformers' default attention (SDPA);
-* ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32, SDPA;
+  turn on left-padded prompts, re-prefilling each turn, same dtype;
+* ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32;
 * ``llamacpp``: llama.cpp single-stream (``llama-cpp-python``, the ``bench`` extra) on the same GGUF, one dialogue
   at a time (it reuses the common prefix of consecutive prompts itself); skipped with a note when not installed.
 
@@ -189,9 +188,7 @@ def main() -> None:
     topics = load_topics(TopicsConfig(items=items), max(args.dialogues))
     load_start = load()
 
-    lm = load_model(SMOLLM2)  # attention: grouped_decode, the default on a CPU
-    sdpa = load_model(dataclasses.replace(SMOLLM2, attn_implementation="sdpa"))  # transformers' default
-    fp32 = load_model(dataclasses.replace(SMOLLM2, dtype="float32", attn_implementation="sdpa"))
+    lm, fp32 = load_model(SMOLLM2), load_model(dataclasses.replace(SMOLLM2, dtype="float32"))
     policies = trained_policies(load_model(SMOLLM2))
     llm, skipped = llama_cpp_model(torch.get_num_threads())
     stage(lm, topics[:2], DialogueConfig(turns=2), gen)  # warm-up
@@ -199,9 +196,8 @@ def main() -> None:
     paths = {}
     for n in args.dialogues:
         paths[f"stage{n}"] = lambda n=n: stage(lm, topics[:n], cfg, gen)
-        paths[f"generate{n}"] = lambda n=n: lockstep_generate(sdpa, topics[:n], cfg, gen)
+        paths[f"generate{n}"] = lambda n=n: lockstep_generate(lm, topics[:n], cfg, gen)
     paths[f"stage_noprefix{big}"] = lambda: stage(lm, topics[:big], cfg, dataclasses.replace(gen, prefix_cache_gb=0))
-    paths[f"stage_sdpa{big}"] = lambda: stage(sdpa, topics[:big], cfg, gen)
     paths[f"stage_adapter{big}"] = lambda: adapter_stage(policies, "auto", topics[:big], cfg, gen)
     paths[f"stage_adapter_unmerged{big}"] = lambda: adapter_stage(policies, "never", topics[:big], cfg, gen)
     paths["seed"] = lambda: seed_way(fp32, topics[:args.seed_dialogues], cfg, gen)
@@ -217,7 +213,6 @@ def main() -> None:
     result.update({
         f"ratio{big}_vs_generate": round(tok_s[f"stage{big}"] / tok_s[f"generate{big}"], 2),
         f"ratio{big}_vs_noprefix": round(tok_s[f"stage{big}"] / tok_s[f"stage_noprefix{big}"], 2),
-        f"ratio{big}_vs_sdpa": round(tok_s[f"stage{big}"] / tok_s[f"stage_sdpa{big}"], 2),
         f"adapter_vs_base{big}": round(tok_s[f"stage_adapter{big}"] / tok_s[f"stage{big}"], 2),
         f"adapter_unmerged_vs_base{big}": round(tok_s[f"stage_adapter_unmerged{big}"] / tok_s[f"stage{big}"], 2),
         f"ratio{big}_vs_llamacpp": round(tok_s[f"stage{big}"] / tok_s["llamacpp"], 2) if llm is not None else None,
