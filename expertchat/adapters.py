@@ -142,9 +142,10 @@ class Policies:
         return LoadedModel(lm.name, view, lm.tokenizer, lm.cfg)
 
     def _merged_copy(self, raw: torch.nn.Module, adapter: str | None) -> torch.nn.Module | None:
-        """The merged copy of ``raw`` + ``adapter`` a view calls, or None (no adapter: the base itself)."""
+        """The merged copy of ``raw`` + ``adapter`` (None: the base) a view calls; None: no PEFT wrapper yet (the
+        plain model), or run unmerged."""
         peft = self._peft.get(id(raw))
-        return None if peft is None or adapter is None else self.merged.get(peft, adapter)
+        return None if peft is None else self.merged.get(peft, adapter)
 
     def frozen(self, role: str) -> LoadedModel:
         """``role`` as it was at the start of the current training stage (its ``<role>_start`` adapter, or the

@@ -63,11 +63,11 @@ def why_not(peft: Any) -> str | None:
     return None
 
 
-def merged_copy(peft: Any, adapter: str) -> torch.nn.Module:
+def merged_copy(peft: Any, adapter: str | None) -> torch.nn.Module:
     """A new plain model: ``peft``'s base with ``adapter`` merged into its weights (PEFT's ``merge_and_unload``
-    on a deep copy), frozen, in eval mode. ``peft`` is left as it was."""
+    on a deep copy; ``None``: the base alone, ``unload``), frozen, in eval mode. ``peft`` is left as it was."""
     clone = copy.deepcopy(peft)
-    model = clone.merge_and_unload(adapter_names=[adapter])
+    model = clone.unload() if adapter is None else clone.merge_and_unload(adapter_names=[adapter])
     model.requires_grad_(False)
     return model.eval()
 
@@ -87,12 +87,14 @@ class MergedCopies:
         if mode not in MODES:
             raise ValueError(f"merged copies: mode '{mode}' is not one of {MODES}")
         self.mode = mode
-        self._copies: dict[tuple[int, str], torch.nn.Module] = {}
+        self._copies: dict[tuple[int, str | None], torch.nn.Module] = {}
         self._unmerged: set[int] = set()  # bases 'auto' decided to run unmerged (said once)
         self.built = 0  # copies made so far (for tests and the log)
 
-    def get(self, peft: Any, adapter: str) -> torch.nn.Module | None:
-        """The merged copy of ``peft``'s base with ``adapter``, made on first use; None: run unmerged.
+    def get(self, peft: Any, adapter: str | None) -> torch.nn.Module | None:
+        """The merged copy of ``peft``'s base with ``adapter`` (``None``: the base without its LoRA layers, e.g. a
+        round-0 judge, whose unmerged path still runs every disabled layer and switch), made on first use; None:
+        run unmerged.
 
         Raises:
             ExpertChatError: ``always``, and this base cannot get a copy (quantized, spread over devices, or short
@@ -109,7 +111,7 @@ class MergedCopies:
         reason = why_not(peft)
         if reason is not None:
             if self.mode == "always":
-                raise ExpertChatError(f"training.lora.merged_copies=always: cannot merge adapter '{adapter}': "
+                raise ExpertChatError(f"training.lora.merged_copies=always: cannot copy adapter '{adapter}': "
                                       f"{reason}; use auto or never")
             log.info("adapters run unmerged (training.lora.merged_copies=auto): %s", reason)
             self._unmerged.add(id(peft))

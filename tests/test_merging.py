@@ -107,7 +107,7 @@ def test_auto_falls_back_in_one_line_and_always_refuses(smol_tokenizer, tmp_path
         assert copies.get(peft, "actor") is None and copies.get(peft, "judge") is None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "adapters run unmerged" in lines[0] and "GB free" in lines[0]
-    with pytest.raises(ExpertChatError, match="merged_copies=always: cannot merge adapter 'actor'"):
+    with pytest.raises(ExpertChatError, match="merged_copies=always: cannot copy adapter 'actor'"):
         MergedCopies("always").get(peft, "actor")
     monkeypatch.undo()
     monkeypatch.setattr("expertchat.merging.is_quantized", lambda model: True)

@@ -8,9 +8,10 @@ chat template) with the same sampling settings (``conf/generation/high_temp.yaml
 * ``stage``: ExpertChat's dialogue stage (lockstep, own decode loop, each role's KV cache kept between its turns),
   at 8 and 32 dialogues;
 * ``stage_noprefix``: the same with ``generation.prefix_cache_gb=0`` (every turn prefills its whole prompt);
-* ``stage_adapter`` / ``stage_adapter_unmerged``: the stage through trained LoRA adapters (r=8 on q/k/v/o, random
-  non-zero weights), on merged copies (``training.lora.merged_copies=auto``, the copies built within the run) /
-  through PEFT's layers (``never``);
+* ``stage_adapter`` / ``stage_adapter_unmerged``: the stage through a LoRA adapter per role (r=8 on q/k/v/o, as
+  ``training.lora``), on merged copies (``training.lora.merged_copies=auto``, the copies built within the run) /
+  through PEFT's layers (``never``). The adapters keep PEFT's initial B = 0, so the dialogues are the base's in
+  distribution (random B changes the texts, their lengths, and so the work) while each path pays its full cost;
 * ``generate``: what a user of transformers would write: lockstep dialogues, one batched ``model.generate`` per
   turn on left-padded prompts, re-prefilling each turn, same dtype;
 * ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32;
@@ -71,18 +72,13 @@ def cut(row: list[int], stops: list[int]) -> tuple[list[int], int]:
     return row, len(row)
 
 
-def trained_policies(lm: LoadedModel) -> Policies:
-    """Both roles with a LoRA adapter of ``TrainingConfig()``'s shape on ``lm``, its B weights random (a fresh
-    adapter's are zero), as after a training stage."""
+def adapter_policies(lm: LoadedModel) -> Policies:
+    """Both roles with a LoRA adapter of ``TrainingConfig()``'s shape on ``lm`` (as fresh from PEFT: B = 0), and
+    their views running it, as after a training stage."""
     policies = Policies({"actor": lm, "judge": lm}, TrainingConfig())
     for role in ("actor", "judge"):
-        peft = policies._wrap(role)
+        policies._wrap(role)
         policies.mark_trained(role)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
     return policies
 
 
@@ -178,6 +174,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed-dialogues", type=int, default=1, help="dialogues of the slow fp32 seed path")
     ap.add_argument("--llamacpp-dialogues", type=int, default=2, help="dialogues of the llama.cpp path")
+    ap.add_argument("--paths", default="", help="comma-separated subset of the paths, e.g. stage32,stage_adapter32 "
+                                                "(default: all); ratios need both of their paths")
     args = ap.parse_args()
 
     conf = ROOT / "expertchat" / "conf"
@@ -189,7 +187,7 @@ def main() -> None:
     load_start = load()
 
     lm, fp32 = load_model(SMOLLM2), load_model(dataclasses.replace(SMOLLM2, dtype="float32"))
-    policies = trained_policies(load_model(SMOLLM2))
+    policies = adapter_policies(load_model(SMOLLM2))
     llm, skipped = llama_cpp_model(torch.get_num_threads())
     stage(lm, topics[:2], DialogueConfig(turns=2), gen)  # warm-up
     big = max(args.dialogues)
@@ -205,24 +203,35 @@ def main() -> None:
         paths["llamacpp"] = lambda: llamacpp_way(llm, lm, topics[:args.llamacpp_dialogues], cfg, gen)
     else:
         note(skipped=skipped)
+    if args.paths:
+        paths = {name: run for name, run in paths.items() if name in args.paths.split(",")}
     runs = alternate(paths, args.repeats)
 
     tok_s = {name: round(median(r, "tok_s"), 2) for name, r in runs.items()}
-    steps = median_list(runs[f"stage{big}"], "step_seconds")
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(tok_s[a] / tok_s[b], 2) if a in tok_s and b in tok_s else None
+
+    def steps(name: str) -> list[float] | None:
+        return median_list(runs[name], "step_seconds") if name in runs else None
+
+    stage_steps, generate_steps = steps(f"stage{big}"), steps(f"generate{big}")
     result = {f"{name}_tok_s": v for name, v in tok_s.items()}
     result.update({
-        f"ratio{big}_vs_generate": round(tok_s[f"stage{big}"] / tok_s[f"generate{big}"], 2),
-        f"ratio{big}_vs_noprefix": round(tok_s[f"stage{big}"] / tok_s[f"stage_noprefix{big}"], 2),
-        f"adapter_vs_base{big}": round(tok_s[f"stage_adapter{big}"] / tok_s[f"stage{big}"], 2),
-        f"adapter_unmerged_vs_base{big}": round(tok_s[f"stage_adapter_unmerged{big}"] / tok_s[f"stage{big}"], 2),
-        f"ratio{big}_vs_llamacpp": round(tok_s[f"stage{big}"] / tok_s["llamacpp"], 2) if llm is not None else None,
-        f"ratio{big}_vs_seed": round(tok_s[f"stage{big}"] / tok_s["seed"], 2),
-        f"turn{args.turns}_vs_turn1": round(steps[-1] / steps[0], 2),
-        f"turn1_vs_generate{big}": round(median_list(runs[f"generate{big}"], "step_seconds")[0] / steps[0], 2),
-        "prefilled_fraction": round(median(runs[f"stage{big}"], "prefilled_fraction"), 3),
-        "prefilled_fraction_last_turn": round(median(runs[f"stage{big}"], "prefilled_fraction_last_turn"), 3),
-        "step_seconds": steps, "step_seconds_noprefix": median_list(runs[f"stage_noprefix{big}"], "step_seconds"),
-        "step_seconds_generate": median_list(runs[f"generate{big}"], "step_seconds"),
+        f"ratio{big}_vs_generate": ratio(f"stage{big}", f"generate{big}"),
+        f"ratio{big}_vs_noprefix": ratio(f"stage{big}", f"stage_noprefix{big}"),
+        f"adapter_vs_base{big}": ratio(f"stage_adapter{big}", f"stage{big}"),
+        f"adapter_unmerged_vs_base{big}": ratio(f"stage_adapter_unmerged{big}", f"stage{big}"),
+        f"ratio{big}_vs_llamacpp": ratio(f"stage{big}", "llamacpp"),
+        f"ratio{big}_vs_seed": ratio(f"stage{big}", "seed"),
+        f"turn{args.turns}_vs_turn1": round(stage_steps[-1] / stage_steps[0], 2) if stage_steps else None,
+        f"turn1_vs_generate{big}": (round(generate_steps[0] / stage_steps[0], 2)
+                                    if stage_steps and generate_steps else None),
+        "prefilled_fraction": round(median(runs[f"stage{big}"], "prefilled_fraction"), 3) if stage_steps else None,
+        "prefilled_fraction_last_turn": (round(median(runs[f"stage{big}"], "prefilled_fraction_last_turn"), 3)
+                                         if stage_steps else None),
+        "step_seconds": stage_steps, "step_seconds_noprefix": steps(f"stage_noprefix{big}"),
+        "step_seconds_generate": generate_steps,
         "llamacpp": skipped or "single-stream, same GGUF (Q4_1), same sampling settings",
         "dtype": str(lm.model.dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "turns": args.turns,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "load1": [load_start, load()],
