@@ -232,7 +232,8 @@ def main() -> None:
                                          if stage_steps else None),
         "step_seconds": stage_steps, "step_seconds_noprefix": steps(f"stage_noprefix{big}"),
         "step_seconds_generate": generate_steps,
-        "llamacpp": skipped or "single-stream, same GGUF (Q4_1), same sampling settings",
+        "llamacpp": skipped or ("single-stream, same GGUF (Q4_1), same sampling settings" if "llamacpp" in runs
+                                else "not run (--paths)"),
         "dtype": str(lm.model.dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "turns": args.turns,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "load1": [load_start, load()],
     })
