@@ -16,9 +16,10 @@ Decisions:
   frozen, eval mode, no grad; and the other way round.
 * **Inference on merged copies** where they fit (``training.lora.merged_copies``, :mod:`expertchat.merging`):
   a view calls a copy of base + adapter merged, made on first use and dropped when the adapter changes
-  (training, loading). The round-start snapshot takes over its policy's copy, so at most two copies live at
-  a time: the two policies between training stages, the two snapshots (the partners' judges) within one. The
-  DPO reference stays unmerged, computed as the policy is: at a round's first step their log-probs are equal.
+  (training, loading). The round-start snapshot takes over its policy's copy, so at most three copies live at
+  a time: the two policies between training stages (the two snapshots, the partners' judges, within one) and
+  the base alone (a round-0 judge, the evaluation's frozen judge). The DPO reference stays unmerged, computed as
+  the policy is: at a round's first step their log-probs are equal.
 """
 
 from __future__ import annotations

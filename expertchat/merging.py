@@ -4,7 +4,7 @@ Unmerged, every adapted linear layer computes ``x W + s * (x A) B`` and PEFT dis
 SmolLM2-135M decoded at 75-79 tok/s through its adapters against 99-106 tok/s without (issue 13). A merged copy
 computes ``x (W + s * B A)`` (Hu et al., 2021, section 4.1): the base's cost. The base itself is never changed:
 merging in place and unmerging again drifts in half precision, and one shared base serves both roles. So a
-copy costs the base's size once per adapter in use; the pipeline holds at most two at a time (see
+copy costs the base's size once per adapter in use; the pipeline holds at most three at a time (see
 :class:`~expertchat.adapters.Policies`).
 
 Chosen by ``training.lora.merged_copies``:
