@@ -180,6 +180,10 @@ class Policies:
                           target_modules=targets[0] if targets == ["all-linear"] else targets, bias="none",
                           task_type="CAUSAL_LM")
 
+    def _peft_of(self, role: str) -> Any:
+        """The PEFT wrapper of ``role``'s base (once it has one)."""
+        return self._peft[id(self.base[role].model)]
+
     def _wrap(self, role: str, load_from: str | None = None):
         """The PEFT wrapper of ``role``'s base with an adapter named ``role`` (new, or loaded from a folder)."""
         from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -213,9 +217,9 @@ class Policies:
         try:
             yield
         finally:
-            for role, name in self._start.items():
-                if self.cfg.method != "full":
-                    self.merged.drop(self._peft[id(self.base[role].model)], name)
+            if self.cfg.method != "full":  # full fine-tuning's snapshots are TRL's reference models, not adapters
+                for role, name in self._start.items():
+                    self.merged.drop(self._peft_of(role), name)
             self._start = {}
 
     def _snapshot(self) -> None:
@@ -226,7 +230,7 @@ class Policies:
         if self.cfg.method == "full":
             return  # the round-start copies are the references TRL makes, kept after each role trains
         for role in sorted(self._trained):
-            peft = self._peft[id(self.base[role].model)]
+            peft = self._peft_of(role)
             name = f"{role}_start"
             if name not in peft.peft_config:
                 peft.add_adapter(name, copy.deepcopy(peft.peft_config[role]))
@@ -271,7 +275,7 @@ class Policies:
         """From now on ``role``'s view runs its own adapter (or trained weights)."""
         self._trained.add(role)
         if self.cfg.method != "full":
-            self.merged.drop(self._peft[id(self.base[role].model)], role)
+            self.merged.drop(self._peft_of(role), role)
 
     # ---- saving and loading
     def save(self, store: RunStore, round_idx: int, role: str, card: str = "") -> str:
@@ -283,8 +287,8 @@ class Policies:
             lm.model.save_pretrained(folder)
             lm.tokenizer.save_pretrained(folder)
         else:  # PEFT puts a non-default adapter in a sub-folder named after it
-            self._peft[id(lm.model)].save_pretrained(str(folder), selected_adapters=[role],
-                                                     save_embedding_layers=False)  # LoRA never trains them
+            self._peft_of(role).save_pretrained(str(folder), selected_adapters=[role],
+                                                save_embedding_layers=False)  # LoRA never trains them
             folder = folder / role
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
             config["base_model_name_or_path"] = base_name(lm.cfg)

@@ -16,6 +16,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import TrainerCallback
 from trl.data_utils import maybe_apply_chat_template
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -197,12 +198,9 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
         with torch.no_grad():
             out = generate(self.accelerator.unwrap_model(model), self._tokenizer, texts + texts, cfg,
                            stop_token_ids=self.eos_token_ids)
-        rows = [g.token_ids + ([g.stop_token] if g.finished else []) for g in out]
-        completion_ids = torch.full((len(rows), max(map(len, rows))), self._tokenizer.pad_token_id, dtype=torch.long)
-        completion_mask = torch.zeros_like(completion_ids)
-        for i, row in enumerate(rows):
-            completion_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            completion_mask[i, :len(row)] = 1
+        rows = [torch.tensor(g.token_ids + ([g.stop_token] if g.finished else []), dtype=torch.long) for g in out]
+        completion_ids = pad_sequence(rows, batch_first=True, padding_value=self._tokenizer.pad_token_id)
+        completion_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0)
         return prompt_ids, prompt_mask, completion_ids.to(device), completion_mask.to(device), None
 
     def _forward(self, model, *args, **kwargs):

@@ -268,7 +268,6 @@ class PrefixBatch:
             ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[r, shared + width - len(p):] = 1
         self.ids, self.mask = ids.to(self.device), mask.to(self.device)
-        self.width = shared + width
         positions = positions_from_mask(self.mask)
         self.positions = positions[:, shared:]
         self.tail_keep = min(tail_keep, width)
