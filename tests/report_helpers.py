@@ -1,4 +1,4 @@
-"""Run folders for the report's tests, written in the exact formats the stages write (``store.py``, contract A's
+"""Run folders for the report's tests, written in the exact formats the stages write (``runs/store.py``, contract A's
 evaluation files, contract B's status file), with made-up numbers; and a reader of W&B's offline ``.wandb`` log."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def make_sweep(root: Path, task: list[str], jobs: dict[int, dict[str, Any] | Non
     arguments (``None``: the job's folder is missing)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}, "rounds": 1}))
-    from expertchat.runfolder import sweep_overrides
+    from expertchat.runs.reader import sweep_overrides
 
     expected = sweep_overrides(task)[1]
     for num, kwargs in jobs.items():

@@ -236,7 +236,7 @@ def test_a_killed_run_resumes_to_the_records_of_an_uninterrupted_one(reference, 
 
 
 def test_begin_counts_what_it_sets_aside_and_leftovers_are_removed(tmp_path):
-    from expertchat.store import RunStore
+    from expertchat.runs.store import RunStore
 
     store = RunStore(tmp_path)
     store.append("turns.jsonl", {"round": 0, "turn": 0})

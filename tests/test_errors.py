@@ -3,16 +3,15 @@ overrides people type, checked as the CLI checks them (preflight, then the mode'
 
 from __future__ import annotations
 
-import json
-
 import importlib
+import json
 
 import pytest
 
 from expertchat import __main__ as cli
-from expertchat.config import MODES
+from expertchat.config.schema import MODES
 from expertchat.errors import ExpertChatError
-from tests.test_config import compose_cfg
+from tests.conftest import compose_cfg
 
 
 def error_line(tmp_path, capsys, *overrides: str) -> str:
@@ -116,7 +115,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from expertchat import modes
+    from expertchat.modes import registry as modes
 
     def full(cfg):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ratings.jsonl"))

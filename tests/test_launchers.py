@@ -27,8 +27,8 @@ def test_local_slurm_usage_is_one_line():
 
 
 def test_sync_helper_finds_the_offline_runs_of_run_folders(tmp_path, monkeypatch):
-    from expertchat.config import TrackerConfig
-    from expertchat.tracking import make_tracker
+    from expertchat.config.schema import TrackerConfig
+    from expertchat.report.tracking import make_tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "multirun" / "0"

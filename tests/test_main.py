@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e  # every test here runs the CLI in a subprocess
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "expertchat", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=900)
 
 
 def test_smoke_experiment_runs_the_whole_loop(tmp_path):

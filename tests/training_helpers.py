@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from expertchat.adapters import Policies
-from expertchat.config import DialogueConfig, ModelConfig, TrainingConfig
-from expertchat.dialogue import Dialogue
-from expertchat.models import LoadedModel
+from expertchat.config.schema import DialogueConfig, ModelConfig, TrainingConfig
+from expertchat.engine.models import LoadedModel
+from expertchat.policies.adapters import Policies
+from expertchat.stages.dialogue import Dialogue
 from tests.conftest import make_tiny_model
 
 DCFG = DialogueConfig()

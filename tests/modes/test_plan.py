@@ -1,0 +1,157 @@
+"""``mode=plan``: parameter counts and weight bytes against published sizes and against the libraries themselves,
+the seed's own arithmetic, the hardware's dtype rules, and a plan that does not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from expertchat.config.schema import HardwareConfig, ModelConfig
+from expertchat.errors import ExpertChatError
+from expertchat.modes import plan
+from tests.conftest import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+MIXTRAL = ModelConfig(name="mixtral", path="mistralai/Mixtral-8x7B-Instruct-v0.1", load_in_4bit=True)
+LLAMA3 = ModelConfig(name="llama3", path="meta-llama/Meta-Llama-3-8B-Instruct")
+BELUGA = HardwareConfig(name="beluga", gpus=4, gpu_memory_gb=16.9, gpu_name="V100", compute_capability=7.0)
+GB = 1e9
+
+
+def test_nf4_bytes_per_weight_are_what_bitsandbytes_stores():
+    """4-bit codes, an 8-bit absmax per block of 64, an fp32 constant per 256 blocks: 0.5159 bytes a weight."""
+    import torch
+
+    functional = pytest.importorskip("bitsandbytes.functional")
+    weight = torch.randn(1024, 512, dtype=torch.float16)
+    packed, state = functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    stored = (packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+              + state.state2.absmax.numel() * state.state2.absmax.element_size())
+    assert stored == pytest.approx(plan.NF4_BYTES * weight.numel())
+
+
+def _cfg(*overrides: str):
+    return compose_cfg("+experiment=mixtral_vs_llama", *overrides)
+
+
+def test_published_sizes_mixtral_in_4_bit_and_llama3_in_fp16():
+    result = plan.plan(_cfg(), experts_4bit=True)
+    mixtral, llama = result["models"]
+    assert (mixtral["dtype"], llama["dtype"]) == ("float16", "float16")  # auto on a V100
+    assert 24 * GB <= mixtral["weights"] <= 27 * GB  # ~24-27 GB in 4 bit (published QLoRA figures, the seed)
+    assert 15.5 * GB <= llama["weights"] <= 16.5 * GB  # ~16 GB in fp16
+
+
+def test_fused_moe_experts_stay_16_bit_under_transformers_5():
+    """transformers >= 5 stores Mixtral's experts as 3-D parameters, which bitsandbytes does not replace."""
+    import transformers
+
+    shape = plan.shape(MIXTRAL)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        assert shape.fused_experts == 0
+        return
+    assert shape.fused_experts == 32 * 8 * 3 * 4096 * 14336  # w1, w2, w3 of 8 experts in 32 layers
+    assert shape.quantized == 32 * (2 * 4096 ** 2 + 2 * 4096 * 1024)  # q, o and the grouped k, v projections
+    mixtral = plan.plan(_cfg())["models"][0]
+    assert 90 * GB < mixtral["weights"] < 93 * GB
+
+
+def test_the_seeds_arithmetic_both_models_on_one_4x16gb_node():
+    """The seed: "Mixtral in 4 bit ~27 GB, Llama-3-8B ~16 GB, 43 GB in all: 3 GPUs were just short, so 4"."""
+    result = plan.plan(_cfg(), experts_4bit=True)
+    assert 40 * GB <= result["held"] <= 43 * GB
+    assert result["fits"] and result["unit"] == "per GPU"
+    assert not plan.plan(_cfg("hardware.gpus=3"), experts_4bit=True)["fits"]
+
+
+def test_the_flagship_fits_an_a100_node_and_says_which_dtype(tmp_path):
+    cfg = replace(_cfg("hardware=a100_40gb"), run_dir=str(tmp_path))
+    result = plan.run(cfg, checked=plan.plan(cfg))
+    assert result["fits"] and {m["dtype"] for m in result["models"]} == {"bfloat16"}
+    lines = plan.table_lines(cfg, result)
+    assert lines[-1].endswith("fits on hardware=a100_40gb") and any("bfloat16 (dtype auto" in line for line in lines)
+
+
+def test_a_plan_that_does_not_fit_stops_with_what_would(tmp_path):
+    """A decoding batch too large for the node: one line naming the largest batch that fits, and plan.json."""
+    cfg = compose_cfg("model@actor=llama3_8b_instruct", "model@judge=qwen3_4b_instruct", "hardware=beluga",
+                      "generation.batch_size=64", "actor.max_length=4096", "judge.max_length=4096")
+    cfg = replace(cfg, run_dir=str(tmp_path))
+    with pytest.raises(ExpertChatError) as info:
+        plan.run(cfg)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("plan: does not fit hardware=beluga: needs ")
+    assert "would fit: " in message and "hardware=a100_40gb" in message
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["fits"] is False and written["would_fit"] and written["stage"] == "actor decoding"
+    smaller = int(message.split("generation.batch_size=")[1].split(";")[0])
+    assert plan.plan(replace(cfg, generation=replace(cfg.generation, batch_size=smaller)))["fits"]
+    assert not plan.plan(replace(cfg, generation=replace(cfg.generation, batch_size=smaller + 1)))["fits"]
+
+
+def test_too_few_gpus_names_the_smallest_count_that_fits():
+    cfg = compose_cfg("model@actor=llama3_8b_instruct", "model@judge=qwen3_4b_instruct", "hardware=beluga",
+                      "hardware.gpus=1", "actor.max_length=1024", "judge.max_length=1024", "generation.batch_size=8")
+    result = plan.plan(cfg)
+    assert not result["fits"] and result["held"] > cfg.hardware.gpu_memory_gb * GB  # 24 GB of fp16 weights
+    assert "4 x Tesla V100-SXM2-16GB (hardware.gpus=4)" in plan.suggestions(cfg, result)
+    assert plan.plan(replace(cfg, hardware=replace(cfg.hardware, gpus=4)))["fits"]
+    assert not plan.plan(replace(cfg, hardware=replace(cfg.hardware, gpus=3)))["fits"]
+
+
+def test_the_cpu_plans_against_this_machines_ram():
+    cfg = compose_cfg()
+    result = plan.plan(cfg)
+    assert result["unit"] == "RAM" and result["capacity"] == plan.machine_ram() and result["fits"]
+    assert result["models"][1].get("shared") == "actor"  # one SmolLM2 in memory for both roles
+    four_bit = plan.plan(compose_cfg("actor.load_in_4bit=true"))
+    assert not four_bit["fits"] and "needs a GPU" in four_bit["blockers"][0]
+
+
+def test_lora_parameters_and_the_reference():
+    cfg = _cfg()
+    llama = plan.plan(cfg)["models"][1]
+    r = cfg.training.lora.r  # q, k, v, o of 32 layers: r * (in + out) each
+    assert llama["train"]["adapter_params"] == 32 * r * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
+    assert llama["train"]["states"] == 16 * llama["train"]["adapter_params"]
+    base = plan.plan(replace(cfg, training=replace(cfg.training, reference="base")))["models"][1]
+    assert base["train"]["reference"] == 0  # the adapter-disabled base: nothing extra
+    frozen = plan.plan(replace(cfg, training=replace(cfg.training, steps=0)))["models"][1]
+    assert frozen["train"] is None
+
+
+def test_kv_cache_of_contrastive_search_holds_top_k_rows():
+    cfg = _cfg()
+    llama = plan.plan(cfg)["models"][1]
+    g = cfg.generation  # 2 (K, V) x 32 layers x 8 heads x 128 dims x fp16, top_k rows per prompt
+    assert llama["decode"]["kv"] == 2 * 32 * 8 * 128 * 2 * g.batch_size * g.top_k * (3072 + g.max_new_tokens)
+
+
+@pytest.mark.e2e
+def test_the_cli_plans_the_flagship_without_loading_weights(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "expertchat", "+experiment=mixtral_vs_llama", "mode=plan",
+                           f"hydra.run.dir={tmp_path / 'beluga'}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    log = proc.stderr + proc.stdout
+    assert "Memory plan for hardware=beluga" in log and "mixtral_8x7b_instruct" in log and "float16" in log
+    if plan.shape(MIXTRAL).fused_experts:  # transformers >= 5: the experts stay 16-bit, 91 GB of weights
+        assert proc.returncode == 2 and "does not fit on hardware=beluga" in log
+        error = proc.stderr.strip().splitlines()[-1]
+        assert "bitsandbytes issue #1849" in error and "would need" in error and "and fit" in error
+        assert "hardware=a100_40gb" in error
+    else:
+        assert proc.returncode == 0 and "fits on hardware=beluga" in log
+    proc = subprocess.run([sys.executable, "-m", "expertchat", "+experiment=mixtral_vs_llama", "mode=plan",
+                           "hardware=a100_40gb", f"hydra.run.dir={tmp_path / 'a100'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "verdict: fits on hardware=a100_40gb" in proc.stderr + proc.stdout
+    assert json.loads((tmp_path / "a100" / "plan.json").read_text())["fits"] is True
