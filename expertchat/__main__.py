@@ -43,8 +43,8 @@ def app(cfg: DictConfig) -> None:
     from expertchat.runs import jobs
 
     job = jobs.current_job(default_dir=cfg.get("run_dir"))
-    threads = jobs.cpu_threads()  # the CPUs this job was given, never the node's core count
-    jobs.set_threads(threads)
+    threads = jobs.cpu_threads()  # the CPUs this job was given (never the node's core count), or OMP_NUM_THREADS
+    jobs.set_threads(threads, why=jobs.threads_reason())  # the console says it after the key choices
     status = jobs.JobStatus(job.run_dir, job.overrides, threads)
     status.start()
     try:

@@ -20,6 +20,7 @@ from expertchat.config.judging import JudgingConfig, ParseConfig, RubricCategory
 from expertchat.config.model import ATTENTION, ModelConfig  # noqa: F401 - part of the schema
 from expertchat.errors import ExpertChatError, check, first_line
 
+SEED_MAX = 2 ** 32 - 1  # numpy's (and so TRL's set_seed's) largest seed
 ROLES = ("actor", "judge")  # the two models: model@actor and model@judge; each rates the other
 
 # The YAML: conf/ at the top of the source tree; a built wheel carries it as the package ``expertchat.conf``.
@@ -337,6 +338,19 @@ class ExpertChatConfig:
                f"judging.wim=true or reward=rating_only")
         self.hardware.check_model(self.actor, "actor")
         self.hardware.check_model(self.judge, "judge")
+        self._check_seeds()
+
+    def _check_seeds(self) -> None:
+        """Every seed the run derives must be one numpy, torch and TRL accept (0 .. 2**32 - 1): a dialogue turn's is
+        ``seed + 1000 round + turn``, a training run's ``seed + 1000 round + role``, an evaluation sample's
+        ``evaluation.seed + sample``. Checked here, not in round 1 after round 0 ran."""
+        top = self.seed + 1000 * (self.rounds - 1) + max(self.dialogue.turns - 1, 1)
+        check(0 <= self.seed and top <= SEED_MAX, "seed",
+              f"is {self.seed}; seeds must lie in 0..{SEED_MAX} (numpy's range) and this run derives up to seed + "
+              f"{top - self.seed} (seed + 1000 x round + turn), so use 0 <= seed <= {SEED_MAX - (top - self.seed)}")
+        last = self.evaluation.seed + self.evaluation.samples - 1
+        check(0 <= self.evaluation.seed and last <= SEED_MAX, "evaluation.seed",
+              f"is {self.evaluation.seed}; sample s draws with evaluation.seed + s, which must lie in 0..{SEED_MAX}")
 
 
 MODES = {"run": "expertchat.modes.run", "rate": "expertchat.modes.rate", "eval": "expertchat.modes.eval",

@@ -75,6 +75,7 @@ def check(cfg: ExpertChatConfig) -> tuple[ExpertChatConfig, list[int], list[held
     """
     run_cfg = run_config(cfg)
     store = RunStore(run_cfg.run_dir)
+    store.check_markers()
     trained = trained_rounds(store)
     wanted = trained if cfg.evaluation.rounds is None else list(cfg.evaluation.rounds)
     missing = [r for r in wanted if r not in trained]

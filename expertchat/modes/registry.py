@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from expertchat.config.schema import MODES, ExpertChatConfig
 from expertchat.report import console, tracking
 from expertchat.report import markdown as report
+from expertchat.runs import jobs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def run(cfg: ExpertChatConfig) -> dict[str, Any]:
     console.quiet_libraries(cfg.progress)
     for line in console.config_lines(cfg, _choices()):
         log.info("%s", line)
+    if jobs.threads_line():
+        log.info("%s", jobs.threads_line())
     if cfg.judging.same_signal_warning():
         log.warning("%s", cfg.judging.same_signal_warning())
     tracker = tracking.make_tracker(cfg.tracker, cfg.run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))

@@ -45,6 +45,7 @@ def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list], lis
             under ``resume=auto``.
     """
     store = RunStore(cfg.run_dir)
+    store.check_markers()
     check_model(cfg.actor, "actor")
     check_model(cfg.judge, "judge")
     held_out = heldout.plan_prompts(cfg, store) if cfg.evaluation.enabled else []

@@ -66,6 +66,26 @@ def adapter_dir(round_idx: int, role: str) -> str:
     return f"adapters/round_{round_idx}/{role}"
 
 
+def check_weights(folder: Path, root: Path | None = None) -> None:
+    """Every ``*.safetensors`` file under ``folder`` has a whole header whose tensors cover the file (safetensors'
+    own reader checks that; it reads the header only, not the weights).
+
+    Raises:
+        ExpertChatError: one line naming the first bad file (relative to ``root``), its size and the cause.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            name = path.relative_to(root) if root is not None and path.is_relative_to(root) else path
+            raise ExpertChatError(f"{name} is incomplete or corrupt ({path.stat().st_size} bytes; {exc}): an "
+                                  f"interrupted copy or a full disk; copy it again (or rerun that round's training "
+                                  f"into a copy of the run folder)") from None
+
+
 # ------------------------------------------------------------------------------------------------- policies
 
 
@@ -201,9 +221,11 @@ class Policies(abc.ABC):
         """Load ``role``'s policy saved by round ``round_idx``.
 
         Raises:
-            ExpertChatError: LoRA, but the folder holds no adapter (a run trained with ``method=full``).
+            ExpertChatError: LoRA, but the folder holds no adapter (a run trained with ``method=full``); a weights
+                file that is cut or corrupt (:func:`check_weights`).
         """
         folder = store.path(adapter_dir(round_idx, role))
+        check_weights(folder, store.root)
         self._load_weights(role, folder)
         self._trained.add(role)
         log.info("loaded %s's policy from %s", role, folder)

@@ -33,23 +33,58 @@ STATUS_FILE = "status.json"
 
 
 def cpu_threads(environ: dict[str, str] | None = None) -> int:
-    """The CPUs this job was given: ``SLURM_CPUS_PER_TASK`` when Slurm set it, else the process's CPU affinity
-    (what ``taskset``/cgroups allow), never the node's core count.
+    """The threads this job uses: the CPUs it was given (``SLURM_CPUS_PER_TASK`` when Slurm set it, else the
+    process's CPU affinity: what ``taskset``/cgroups allow, never the node's core count), or fewer when the user
+    set ``OMP_NUM_THREADS`` lower (an explicit limit is honoured). :func:`threads_reason` says which.
 
-    >>> cpu_threads({"SLURM_CPUS_PER_TASK": "3"})
-    3
+    >>> cpu_threads({"SLURM_CPUS_PER_TASK": "3"}), cpu_threads({"SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "1"})
+    (3, 1)
     """
+    given, _ = _given(environ)
+    limit = _explicit(environ)
+    return min(given, limit) if limit else given
+
+
+def threads_reason(environ: dict[str, str] | None = None) -> str:
+    """Why :func:`cpu_threads` chose its number, for the console.
+
+    >>> threads_reason({"SLURM_CPUS_PER_TASK": "4", "OMP_NUM_THREADS": "2"})
+    'OMP_NUM_THREADS=2 (of 4 CPUs given by SLURM_CPUS_PER_TASK)'
+    """
+    given, source = _given(environ)
+    limit = _explicit(environ)
+    if limit and limit < given:
+        return f"OMP_NUM_THREADS={limit} (of {given} CPUs given by {source})"
+    return f"the CPUs given by {source}" + (f"; OMP_NUM_THREADS={limit} is not lower" if limit else "")
+
+
+def _given(environ: dict[str, str] | None) -> tuple[int, str]:
     environ = os.environ if environ is None else environ
     given = environ.get("SLURM_CPUS_PER_TASK", "")
     if given.isdigit() and int(given) > 0:
-        return int(given)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return int(given), "SLURM_CPUS_PER_TASK"
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)), "the CPU affinity"
+    return os.cpu_count() or 1, "the core count"
 
 
-def set_threads(n: int) -> None:
+# The user's own OMP_NUM_THREADS, read before set_threads overwrites it (later jobs of an in-process multirun)
+_USER_OMP = os.environ.get("OMP_NUM_THREADS", "")
+
+
+def _explicit(environ: dict[str, str] | None) -> int | None:
+    """The user's own ``OMP_NUM_THREADS`` (a positive integer), else None."""
+    value = (_USER_OMP if environ is None else environ.get("OMP_NUM_THREADS", "")).strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def set_threads(n: int, why: str | None = None) -> None:
     """Use ``n`` threads in torch (intra-op; inter-op only if not yet fixed) and in the libraries that read the
     environment when they start (OpenMP, MKL, tokenizers' Rust pool). Measured on a 2-core machine shared by two or
-    three runs that each used torch's default: decode turns up to ~30x and DPO steps 7-14x slower (DESIGN.md)."""
+    three runs that each used torch's default: decode turns up to ~30x and DPO steps 7-14x slower (DESIGN.md).
+    ``why`` (:func:`threads_reason`) is kept for :func:`threads_line`."""
+    global _THREADS_LINE
+    _THREADS_LINE = f"threads: {n}, {why}" if why else None
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[key] = str(n)
     import torch
@@ -59,6 +94,14 @@ def set_threads(n: int) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # torch allows it once, before any parallel work; keep what is set
         pass
+
+
+_THREADS_LINE: str | None = None  # what set_threads chose and why, for the console
+
+
+def threads_line() -> str | None:
+    """``threads: N, <why>`` as the job's :func:`set_threads` chose it (None outside a job)."""
+    return _THREADS_LINE
 
 
 def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:

@@ -8,6 +8,7 @@ nothing written is lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -119,6 +120,8 @@ class RunStore:
         os.replace(folder, target)
         if written_in is not None:
             shutil.rmtree(written_in, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the scratch folder itself, once empty: a finished run leaves none
+            self.path(SCRATCH_DIR).rmdir()
 
     def clean_leftovers(self) -> list[str]:
         """Remove what a killed run can leave and nothing reads: temporary files of :meth:`write_text`
@@ -135,8 +138,9 @@ class RunStore:
                 removed.append(str(path.relative_to(self.root)))
         scratch = self.path(SCRATCH_DIR)
         if scratch.exists():
+            if any(scratch.iterdir()):  # an empty one is no leftover of a killed run: not reported
+                removed.append(SCRATCH_DIR)
             shutil.rmtree(scratch, ignore_errors=True)
-            removed.append(SCRATCH_DIR)
         return removed
 
     def write_json(self, name: str, obj: Any) -> Path:
@@ -234,7 +238,35 @@ class RunStore:
         )
 
     def stage_summary(self, round_idx: int | str, stage: str) -> dict[str, Any]:
-        return json.loads(self._marker(round_idx, stage).read_text(encoding="utf-8"))
+        """The summary a completed stage's marker holds.
+
+        Raises:
+            ExpertChatError: the marker is unreadable (:meth:`check_markers`).
+        """
+        return self._read_marker(self._marker(round_idx, stage))
+
+    def check_markers(self) -> None:
+        """Every stage marker of the folder holds a JSON object: a marker left empty or cut (a full disk, an
+        interrupted copy) stops a rerun here, before anything is written, in one line naming the file.
+
+        Raises:
+            ExpertChatError: the first unreadable marker, its size and what to do.
+        """
+        for path in sorted(self.path(STAGES_DIR).glob("*.json")):
+            self._read_marker(path)
+
+    def _read_marker(self, path: Path) -> dict[str, Any]:
+        try:
+            summary = json.loads(path.read_bytes().decode("utf-8"))
+            if isinstance(summary, dict):
+                return summary
+            why = f"holds {type(summary).__name__}, not a stage summary"
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            why = f"is not JSON ({exc.__class__.__name__}: {exc})"
+        size = path.stat().st_size
+        raise ExpertChatError(f"stage marker {path} ({size} bytes) {why}: it was cut or emptied (a full disk, an "
+                              f"interrupted copy); delete it to run that stage again (its records are set aside), "
+                              f"then rerun")
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -236,3 +236,20 @@ def test_attention_implementation_is_checked():
     with pytest.raises(ExpertChatError, match="attn_implementation"):
         compose_cfg("actor.attn_implementation=flash")
     assert compose_cfg("actor.attn_implementation=eager").actor.attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=-1"], r"^config error: seed is -1; seeds must lie in 0\.\.4294967295"),
+    # round 1's training seed would be seed + 1001 > 2**32 - 1: refused at start, not after round 0
+    (["seed=4294966296", "rounds=2"], r"seed is 4294966296; .* so use 0 <= seed <= 4294966292"),
+    (["evaluation.seed=-5"], r"evaluation\.seed is -5; sample s draws with evaluation\.seed \+ s"),
+    (["evaluation.strategy=sample", "evaluation.samples=3", "evaluation.seed=4294967294"], r"evaluation\.seed is"),
+])
+def test_seeds_the_run_derives_are_checked_at_start(overrides, message):
+    with pytest.raises(ExpertChatError, match=message):
+        compose_cfg(*overrides)
+
+
+def test_the_largest_usable_seed_is_accepted():
+    assert compose_cfg("seed=4294966292", "rounds=2", "dialogue.turns=4").seed == 4294966292
+    assert compose_cfg("seed=4294967292", "dialogue.turns=4").seed == 4294967292

@@ -106,3 +106,13 @@ def test_the_same_seed_gives_byte_identical_records(smol_tokenizer, tmp_path, mo
         pipeline.run(pipeline_cfg(tmp_path / name, "seed=5"))
     for file in ("turns.jsonl", "ratings.jsonl", "rewards_by_round.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
+def test_an_emptied_stage_marker_stops_the_rerun_before_anything_is_written(tmp_path):
+    from expertchat.modes import run as pipeline
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "round_0.evaluation.json").write_bytes(b"")  # a full disk, an interrupted copy
+    with pytest.raises(ExpertChatError, match=r"round_0\.evaluation\.json \(0 bytes\) is not JSON"):
+        pipeline.check(pipeline_cfg(tmp_path))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["round_0.evaluation.json", "stages"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from expertchat.config.schema import LoraSettings, ModelConfig
 from expertchat.engine.models import LoadedModel
-from expertchat.policies.adapters import Policies
+from expertchat.errors import ExpertChatError
+from expertchat.policies.adapters import Policies, check_weights
 from expertchat.policies.full import FullPolicies
 from expertchat.policies.lora import LoraPolicies
 from expertchat.runs.store import RunStore
@@ -204,3 +206,18 @@ def test_saved_adapters_travel_with_a_model_card(smol_tokenizer, tmp_path):
     moved = PeftModel.from_pretrained(base, str(tmp_path / "elsewhere" / "adapter"))
     assert torch.allclose(moved(torch.tensor([IDS])).logits[0].float(), logits(policies.models["actor"], IDS),
                           atol=1e-5)
+
+
+def test_cut_adapter_weights_are_one_line_naming_the_file(smol_tokenizer, tmp_path):
+    """An interrupted copy leaves part of adapter_model.safetensors: loading names the file, not a traceback."""
+    store = RunStore(tmp_path)
+    train_round(Policies(tiny_pair(smol_tokenizer), cfg()), 0, fake_dialogues(), length_reward, DCFG, store)
+    store.finish(0, "training", {})
+    weights = tmp_path / "adapters/round_0/actor/adapter_model.safetensors"
+    check_weights(weights.parent, tmp_path)  # whole: nothing to say
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ExpertChatError, match=rf"^adapters/round_0/actor/adapter_model\.safetensors is incomplete or "
+                                              rf"corrupt \({size // 2} bytes; .*copy it again"):
+        Policies(tiny_pair(smol_tokenizer), cfg()).restore(store, rounds=1)

@@ -30,6 +30,20 @@ def test_threads_come_from_slurm_then_the_affinity_never_the_node():
             os.sched_setaffinity(pid, before)
 
 
+def test_an_explicit_omp_num_threads_is_honoured_and_said():
+    affinity = len(os.sched_getaffinity(0))
+    assert jobs.cpu_threads({"OMP_NUM_THREADS": "1"}) == 1
+    assert jobs.cpu_threads({"SLURM_CPUS_PER_TASK": "4", "OMP_NUM_THREADS": "2"}) == 2
+    assert jobs.cpu_threads({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "8"}) == 2  # never more than given
+    assert jobs.cpu_threads({"OMP_NUM_THREADS": "0"}) == jobs.cpu_threads({"OMP_NUM_THREADS": "x"}) == affinity
+    if affinity > 1:
+        assert jobs.threads_reason({"OMP_NUM_THREADS": "1"}) == f"OMP_NUM_THREADS=1 (of {affinity} CPUs given by the " \
+            "CPU affinity)"
+    assert jobs.threads_reason({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "8"}) == \
+        "the CPUs given by SLURM_CPUS_PER_TASK; OMP_NUM_THREADS=8 is not lower"
+    assert jobs.threads_reason({"SLURM_CPUS_PER_TASK": "2"}) == "the CPUs given by SLURM_CPUS_PER_TASK"
+
+
 def test_set_threads_sets_torch_and_the_environment(monkeypatch):
     import torch
 

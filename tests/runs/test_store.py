@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from expertchat.errors import ExpertChatError
 from expertchat.runs.store import STAGES_DIR, RunStore, marker_name, parse_marker
 
 
@@ -89,3 +90,29 @@ def test_restarting_keeps_records_that_hold_unicode_line_separators(tmp_path):
     store.append("turns.jsonl", {"round": 1, "text": "x"})
     assert store.begin(1, "dialogue", ["turns.jsonl"]) == {"turns.jsonl": 1}
     assert store.read("turns.jsonl") == [{"round": 0, "text": text}]
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"round": 0, "stage": "dia', b"[1, 2]", b"\xff\xfe"])
+def test_an_unreadable_marker_is_one_line_naming_the_file(tmp_path, damage):
+    store = RunStore(tmp_path)
+    store.finish(0, "dialogue", {"dialogues": 2})
+    store.finish(0, "rating", {"rated": 4})
+    store.check_markers()  # whole markers: nothing to say
+    (tmp_path / "stages" / "round_0.rating.json").write_bytes(damage)
+    with pytest.raises(ExpertChatError, match=rf"stage marker .*round_0\.rating\.json \({len(damage)} bytes\) .*delete "
+                                              r"it to run that stage again"):
+        store.check_markers()
+    with pytest.raises(ExpertChatError, match="round_0.rating.json"):
+        store.stage_summary(0, "rating")
+    assert store.stage_summary(0, "dialogue")["dialogues"] == 2
+
+
+def test_a_finished_publish_leaves_no_scratch_and_an_empty_one_is_no_leftover(tmp_path):
+    store = RunStore(tmp_path)
+    root = store.scratch() / "save-0-actor"
+    (root / "adapter").mkdir(parents=True)
+    (root / "adapter" / "weights.bin").write_bytes(b"w")
+    store.publish(root / "adapter", "adapters/round_0/actor", written_in=root)
+    assert (tmp_path / "adapters/round_0/actor/weights.bin").exists() and not (tmp_path / ".scratch").exists()
+    store.scratch()  # created and left empty (nothing was killed)
+    assert store.clean_leftovers() == [] and not (tmp_path / ".scratch").exists()
