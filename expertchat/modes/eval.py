@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from expertchat.config.schema import ExpertChatConfig, to_config
 from expertchat.engine.models import check_model, load_pair
 from expertchat.errors import ExpertChatError, first_line
-from expertchat.policies.adapters import Policies, adapter_dir
+from expertchat.policies.adapters import Policies, adapter_dir, check_saved
 from expertchat.report.tracking import Tracker
 from expertchat.runs.store import CONFIG_FILE, STAGES_DIR, RunStore, marker_name, parse_marker
 from expertchat.stages import evaluation, heldout
@@ -35,11 +35,15 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ mode=eval
 
 
+def completed_trainings(store: RunStore) -> list[int]:
+    """The rounds whose training stage is complete (a marker says so)."""
+    return sorted({int(marker[0]) for p in store.path(STAGES_DIR).glob("*.json")
+                   if (marker := parse_marker(p.name)) and marker[0] != "base" and marker[1] == "training"})
+
+
 def trained_rounds(store: RunStore) -> list[int]:
     """The rounds whose training stage is complete and saved at least one role's adapter (or weights)."""
-    found = {int(marker[0]) for p in store.path(STAGES_DIR).glob("*.json")
-             if (marker := parse_marker(p.name)) and marker[0] != "base" and marker[1] == "training"}
-    return sorted(r for r in found if any(store.path(adapter_dir(r, role)).is_dir() for role in ROLES))
+    return [r for r in completed_trainings(store) if any(store.path(adapter_dir(r, role)).is_dir() for role in ROLES)]
 
 
 def run_config(cfg: ExpertChatConfig) -> ExpertChatConfig:
@@ -76,6 +80,7 @@ def check(cfg: ExpertChatConfig) -> tuple[ExpertChatConfig, list[int], list[held
     run_cfg = run_config(cfg)
     store = RunStore(run_cfg.run_dir)
     store.check_markers()
+    check_saved(store, completed_trainings(store))
     trained = trained_rounds(store)
     wanted = trained if cfg.evaluation.rounds is None else list(cfg.evaluation.rounds)
     missing = [r for r in wanted if r not in trained]

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from expertchat.config.schema import RESUME_HARMLESS, ExpertChatConfig
 from expertchat.engine.models import check_model, load_pair
 from expertchat.judging import rewards
-from expertchat.policies.adapters import Policies
+from expertchat.policies.adapters import Policies, check_saved
 from expertchat.report.console import summary_lines
 from expertchat.report.tracking import Tracker
 from expertchat.runs.store import STAGES_DIR, RunStore
@@ -46,6 +46,7 @@ def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list], lis
     """
     store = RunStore(cfg.run_dir)
     store.check_markers()
+    check_saved(store, range(cfg.rounds))
     check_model(cfg.actor, "actor")
     check_model(cfg.judge, "judge")
     held_out = heldout.plan_prompts(cfg, store) if cfg.evaluation.enabled else []

@@ -32,7 +32,7 @@ import abc
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -84,6 +84,30 @@ def check_weights(folder: Path, root: Path | None = None) -> None:
             raise ExpertChatError(f"{name} is incomplete or corrupt ({path.stat().st_size} bytes; {exc}): an "
                                   f"interrupted copy or a full disk; copy it again (or rerun that round's training "
                                   f"into a copy of the run folder)") from None
+
+
+def saved_folders(store: RunStore, round_idx: int) -> dict[str, str]:
+    """``{role: folder}`` that round ``round_idx``'s training marker says it saved (empty before it is done)."""
+    if not store.done(round_idx, "training"):
+        return {}
+    roles = store.stage_summary(round_idx, "training").get("roles", {})
+    return {role: m["saved"] for role, m in roles.items() if isinstance(m, dict) and m.get("saved")}
+
+
+def check_saved(store: RunStore, rounds: Iterable[int]) -> None:
+    """Every policy the training markers of ``rounds`` say was saved is still there: a deleted folder (a quota,
+    a partial copy) is never silently replaced by the base model, in a resume or in ``mode=eval``.
+
+    Raises:
+        ExpertChatError: one line naming the first missing folder, its marker and the ways on.
+    """
+    for r in rounds:
+        for role, folder in saved_folders(store, r).items():
+            if not store.path(folder).is_dir():
+                raise ExpertChatError(
+                    f"{folder} is missing, but stages/round_{r}.training.json says round {r} saved {role}'s policy "
+                    f"there: copy the folder back, or rerun from round {r}'s training in a copy of the run folder "
+                    f"without that marker and the ones after it (the base model never stands in for it)")
 
 
 # ------------------------------------------------------------------------------------------------- policies
@@ -237,6 +261,7 @@ class Policies(abc.ABC):
     def restore(self, store: RunStore, rounds: int) -> int | None:
         """On resume: load each role's policy from the last completed training stage that saved it. Returns
         that round (None when no policy was saved yet)."""
+        check_saved(store, range(rounds))
         last = None
         for role in ROLES:
             for r in reversed(range(rounds)):

@@ -71,3 +71,13 @@ def test_a_missing_or_empty_folder_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- lm-eval hook
+
+
+def test_a_deleted_adapter_stops_mode_eval_instead_of_evaluating_the_base(smol_tokenizer, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    finished_run(smol_tokenizer, run, monkeypatch)
+    shutil.rmtree(run / "adapters/round_0/actor")  # a quota, a partial copy; the marker still says it was saved
+    with pytest.raises(ExpertChatError, match=r"adapters/round_0/actor is missing, but stages/round_0\.training"):
+        evaluation_mode.check(eval_mode_cfg(run))

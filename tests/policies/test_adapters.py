@@ -11,7 +11,7 @@ import torch
 from expertchat.config.schema import LoraSettings, ModelConfig
 from expertchat.engine.models import LoadedModel
 from expertchat.errors import ExpertChatError
-from expertchat.policies.adapters import Policies, check_weights
+from expertchat.policies.adapters import Policies, check_saved, check_weights
 from expertchat.policies.full import FullPolicies
 from expertchat.policies.lora import LoraPolicies
 from expertchat.runs.store import RunStore
@@ -221,3 +221,17 @@ def test_cut_adapter_weights_are_one_line_naming_the_file(smol_tokenizer, tmp_pa
     with pytest.raises(ExpertChatError, match=rf"^adapters/round_0/actor/adapter_model\.safetensors is incomplete or "
                                               rf"corrupt \({size // 2} bytes; .*copy it again"):
         Policies(tiny_pair(smol_tokenizer), cfg()).restore(store, rounds=1)
+
+
+def test_a_deleted_adapter_is_never_replaced_by_the_base(smol_tokenizer, tmp_path):
+    """The marker says round 0 saved the actor's adapter; the folder is gone: a resume stops in one line."""
+    import shutil
+
+    store = RunStore(tmp_path)
+    summary = train_round(Policies(tiny_pair(smol_tokenizer), cfg()), 0, fake_dialogues(), length_reward, DCFG, store)
+    store.finish(0, "training", summary)
+    check_saved(store, [0])  # all there
+    shutil.rmtree(tmp_path / "adapters/round_0/actor")
+    with pytest.raises(ExpertChatError, match=r"^adapters/round_0/actor is missing, but stages/round_0\.training\.json "
+                                              r"says round 0 saved actor's policy there"):
+        Policies(tiny_pair(smol_tokenizer), cfg()).restore(store, rounds=2)
