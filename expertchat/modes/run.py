@@ -41,8 +41,8 @@ def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list], lis
         evaluation prompts, none when ``evaluation.enabled=false``).
 
     Raises:
-        ExpertChatError: a missing model, a GPU-only setting without a GPU, bad topic input, or a changed config
-            under ``resume=auto``.
+        ExpertChatError: an unreadable stage marker, a saved policy whose folder is gone, a missing model, a
+            GPU-only setting without a GPU, bad topic input, or a changed config under ``resume=auto``.
     """
     store = RunStore(cfg.run_dir)
     store.check_markers()
