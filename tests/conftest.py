@@ -98,6 +98,11 @@ def tiny_pair(tokenizer, *, shared: bool = True, max_length: int = 512, names: t
             for role, name, model in zip(("actor", "judge"), names, (actor, judge))}
 
 
+def two_tiny_models(tokenizer) -> dict:
+    """Two different tiny models, ``tiny_a`` (actor) and ``tiny_j`` (judge), each with the schema's max_length."""
+    return tiny_pair(tokenizer, shared=False, max_length=2048, names=("tiny_a", "tiny_j"))
+
+
 def tiny_load_pair(tokenizer):
     """A stand-in for ``engine.models.load_pair`` (monkeypatched into a mode): one tiny model in both roles, each
     with the config the run gives it."""

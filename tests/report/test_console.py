@@ -65,10 +65,10 @@ def test_a_terminal_gets_a_tqdm_bar_and_disabled_progress_shows_nothing(monkeypa
 def test_the_dialogue_stage_shows_its_turns(no_terminal, caplog, smol_tokenizer, tmp_path):
     from expertchat.runs.store import RunStore
     from expertchat.stages.dialogue import run_dialogues
-    from tests.conftest import tiny_pair
+    from tests.conftest import two_tiny_models
 
     with caplog.at_level(logging.INFO, logger="expertchat"):
-        run_dialogues(tiny_pair(smol_tokenizer, shared=False, max_length=2048, names=("tiny_a", "tiny_j")), ["tides", "compilers"], DialogueConfig(turns=2),
+        run_dialogues(two_tiny_models(smol_tokenizer), ["tides", "compilers"], DialogueConfig(turns=2),
                       GenerationConfig(max_new_tokens=2), RunStore(tmp_path), progress=True)
     assert lines(caplog, "round 0 dialogues")[-1].startswith("round 0 dialogues: 4/4 turns")
 

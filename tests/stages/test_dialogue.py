@@ -9,13 +9,9 @@ import pytest
 from expertchat.config.schema import DialogueConfig, GenerationConfig
 from expertchat.runs.store import RunStore
 from expertchat.stages.dialogue import TURNS_FILE, Dialogue, context, load_dialogues, run_dialogues, summarize
-from tests import conftest
+from tests.conftest import two_tiny_models
 
 TOPICS = ["plate tectonics", "Byzantine coinage", "compiler inlining"]
-
-
-def tiny_pair(tok):
-    return conftest.tiny_pair(tok, shared=False, max_length=2048, names=("tiny_a", "tiny_j"))
 
 
 def test_views_put_own_turns_as_assistant_and_open_with_the_question():
@@ -33,7 +29,7 @@ def test_lockstep_dialogues_write_complete_records(smol_tokenizer, tmp_path):
     store = RunStore(tmp_path)
     cfg = DialogueConfig(turns=3)
     gen = GenerationConfig(max_new_tokens=5, top_k=20)
-    dialogues = run_dialogues(tiny_pair(smol_tokenizer), TOPICS, cfg, gen, store, round_idx=0, progress=False)
+    dialogues = run_dialogues(two_tiny_models(smol_tokenizer), TOPICS, cfg, gen, store, round_idx=0, progress=False)
     rows = [json.loads(line) for line in (tmp_path / TURNS_FILE).read_text().splitlines()]
     assert len(rows) == len(TOPICS) * 3
     keys = {"dialogue_id", "round", "turn", "role", "model", "topic", "text", "prompt_tokens", "new_tokens",
@@ -56,7 +52,7 @@ def test_lockstep_dialogues_write_complete_records(smol_tokenizer, tmp_path):
 
 def test_same_seed_same_dialogues(smol_tokenizer, tmp_path):
     cfg, gen = DialogueConfig(turns=2), GenerationConfig(max_new_tokens=4)
-    pair = tiny_pair(smol_tokenizer)
+    pair = two_tiny_models(smol_tokenizer)
     a = run_dialogues(pair, TOPICS, cfg, gen, RunStore(tmp_path / "a"), seed=3, progress=False)
     b = run_dialogues(pair, TOPICS, cfg, gen, RunStore(tmp_path / "b"), seed=3, progress=False)
     assert [t["text"] for d in a for t in d.turns] == [t["text"] for d in b for t in d.turns]
@@ -80,7 +76,7 @@ def records(dialogues):
 @pytest.mark.parametrize("top_k", [1, 20], ids=["greedy", "sampling"])
 def test_prefix_caching_changes_no_token(smol_tokenizer, tmp_path, top_k):
     """Six turns with each role's cache kept between its turns equal six turns prefilled from scratch."""
-    pair, cfg = tiny_pair(smol_tokenizer), DialogueConfig(turns=6)
+    pair, cfg = two_tiny_models(smol_tokenizer), DialogueConfig(turns=6)
     runs = [run_dialogues(pair, TOPICS, cfg, GenerationConfig(max_new_tokens=6, top_k=top_k, prefix_cache_gb=gb),
                           RunStore(tmp_path / str(gb)), seed=1, progress=False) for gb in (0.0, 1.0)]
     assert records(runs[0]) == records(runs[1])

@@ -9,7 +9,7 @@ from expertchat.config.schema import DialogueConfig, JudgingConfig, RewardConfig
 from expertchat.runs.store import RunStore
 from expertchat.stages import rating
 from expertchat.stages.dialogue import Dialogue
-from tests.conftest import tiny_pair
+from tests.conftest import two_tiny_models
 
 
 class FakeEmbedder:
@@ -23,7 +23,7 @@ class FakeEmbedder:
 def test_rating_stage_writes_one_record_per_turn(smol_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr("expertchat.stages.rating.load_embedder", lambda cfg: FakeEmbedder())
     tok = smol_tokenizer
-    models = tiny_pair(tok, shared=False, max_length=2048, names=("tiny_a", "tiny_j"))
+    models = two_tiny_models(tok)
     dialogues = []
     for i, topic in enumerate(["tides", "compilers"]):
         d = Dialogue(f"r0-d00{i}", topic)
