@@ -7,12 +7,16 @@ traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import re
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +33,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_
 register()
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print one error line and exit 2 (or re-raise for a full traceback under HYDRA_FULL_ERROR=1)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise
@@ -40,29 +44,58 @@ def fail(message: str) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
     from expertchat.modes import registry as modes
-    from expertchat.runs import jobs
+    from expertchat.runs import jobs, signals
+    from expertchat.runs.lock import RunLock, written_folders
 
     job = jobs.current_job(default_dir=cfg.get("run_dir"))
     threads = jobs.cpu_threads()  # the CPUs this job was given (never the node's core count), or OMP_NUM_THREADS
     jobs.set_threads(threads, why=jobs.threads_reason())  # the console says it after the key choices
     status = jobs.JobStatus(job.run_dir, job.overrides, threads)
-    status.start()
+    folders = written_folders(job.run_dir, cfg.get("mode"), OmegaConf.select(cfg, "evaluation.run"))
+    lock = RunLock(folders, force=cfg.get("resume") == "force")
+    try:  # before status.json: a run refused here leaves the folder's running job untouched
+        lock.acquire()
+    except ExpertChatError as exc:
+        refuse(job, str(exc))
+    for line in lock.taken_over:
+        log.warning("%s", line)
+    if status.fields["restarts"]:
+        log.info("requeued by Slurm (restart %d of job %s): resuming from the last completed stage",
+                 status.fields["restarts"], status.fields["slurm_job_id"])
+    guard = signals.Guard(lambda message: (log.error("%s", message), status.end(message, status="interrupted")),
+                          stage=lambda: status.stage)
     try:
-        modes.run(to_config(cfg))
+        status.start()
+        with guard:
+            modes.run(to_config(cfg))
     except (ExpertChatError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno not in WRITE_ERRORS:
             status.end(f"{type(exc).__name__}: {first_line(exc)}")
             raise
         message = str(exc) if isinstance(exc, ExpertChatError) else write_error(exc)
         status.end(message)
-        if job.multirun:  # raise, not exit: Hydra records the failure and the sweep's other jobs run
-            log.error("%s", message)
-            raise jobs.JobFailed(f"job {job.num} ({' '.join(job.overrides)}): {message}") from None
-        fail(message)
-    except BaseException as exc:
-        status.end(f"{type(exc).__name__}: {first_line(exc)}")
+        refuse(job, message)
+    except BaseException as exc:  # signals.Interrupted included: main() then ends the process by its signal
+        if guard.message is not None:  # e.g. submitit's requeue on SIGUSR2 exits through here
+            status.end(guard.message, status="interrupted")
+        else:
+            status.end(f"{type(exc).__name__}: {first_line(exc)}")
         raise
-    status.end()
+    else:
+        status.end()  # before the lock goes: a folder without a lock never says running
+    finally:
+        lock.release()
+
+
+def refuse(job: Any, message: str) -> None:
+    """End the job with one error line: exit 2 for a single run; in a multirun, raise so that Hydra records the
+    failure and the sweep's other jobs run."""
+    from expertchat.runs import jobs
+
+    if job.multirun:
+        log.error("%s", message)
+        raise jobs.JobFailed(f"job {job.num} ({' '.join(job.overrides)}): {message}") from None
+    fail(message)
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
@@ -80,18 +113,29 @@ def write_error(exc: OSError) -> str:
             f"rerun into the same folder to resume")
 
 
-def preflight(overrides: list[str]) -> None:
-    """Compose the config once before Hydra does, to turn composition errors into one line."""
+def preflight(overrides: list[str]) -> Path:
+    """Compose the config once before Hydra does, to turn composition errors into one line.
+
+    Returns:
+        the run folder Hydra will use (``hydra.run.dir`` resolved and unquoted; ``${now:}`` as of now).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf import open_dict
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser()
         with open_dict(cfg):
+            del cfg["hydra"]
             cfg.run_dir = "."  # ${hydra:runtime.output_dir} only resolves inside a Hydra job
-        to_config(cfg)  # ranges and values: fail before Hydra writes anything into the run folder
+        checked = to_config(cfg)  # ranges and values: fail before Hydra writes anything into the run folder
+        if checked.tracker.backend == "wandb":
+            from expertchat.report.tracking import wandb_dirs
+
+            wandb_dirs()  # a W&B folder the user set that cannot be written
+        return run_dir
     except ExpertChatError as exc:
         fail(str(exc))
     except MissingConfigException as exc:
@@ -105,6 +149,8 @@ def preflight(overrides: list[str]) -> None:
         fail(f"cannot parse the override {bad or ''!r} ({first_line(exc)}): quote its value for Hydra and the shell, "
              f"e.g. \"topics.field='turns[0]'\" or \"rate.input='epoch=9.jsonl'\"")
     except Exception as exc:  # noqa: BLE001 - hydra/omegaconf raise many types; report them as one line
+        if first_line(exc).startswith(("Ambiguous value for argument", "Sweep parameters")):
+            fail(sweep_in_single_run(str(exc)))
         hint = [line for line in str(exc).splitlines()[1:] if line.strip().lower().startswith(("to ", "use "))]
         if hint and hint[0].strip().startswith("To append to your config"):  # a key the schema does not have
             key = first_line(exc).partition("'")[2].partition("'")[0]
@@ -117,6 +163,24 @@ def preflight(overrides: list[str]) -> None:
         if key and renamed(key):
             fail(f"{key} was renamed to {renamed(key)} (in a config file or override)")
         fail(f"{first}" + (f" (key: {key})" if key and key not in first else ""))
+
+
+def sweep_in_single_run(error: str) -> str:
+    """One line for a value Hydra reads as a sweep in a single run (``a,b``, ``range()``, ``choice()``), keeping
+    Hydra's own hints; a number written with a decimal comma (``0,4``) also gets its decimal-point spelling.
+
+    >>> sweep_in_single_run("Ambiguous value for argument 'reward.zeta=0,4'\\n1. To use it as a list, use key=[a,b]")
+    "Ambiguous value for argument 'reward.zeta=0,4': a number takes a decimal point (reward.zeta=0.4); to use it as a list, use key=[a,b]"
+    """
+    lines = error.splitlines()
+    hints = [line.partition(". ")[2] or line for line in lines[1:] if line.strip()]
+    if not hints:  # "Sweep parameters 'seed=range(3)' requires --multirun"
+        hints = ["to sweep over it, add --multirun (-m) to your command line"]
+    override = lines[0].partition("'")[2].rpartition("'")[0]
+    key, _, value = override.partition("=")
+    if re.fullmatch(r"-?\d+,\d+", value):
+        hints.insert(0, f"a number takes a decimal point ({key}={value.replace(',', '.')})")
+    return f"{lines[0].rstrip('.')}: " + "; ".join(h[0].lower() + h[1:] for h in hints)
 
 
 def _unparsable(override: str) -> bool:
@@ -138,16 +202,16 @@ def check_renamed(args: list[str]) -> None:
             fail(f"{key.lstrip('+~')} was renamed to {renamed(key)}: use {renamed(key)}={value}")
 
 
-def check_run_dir(args: list[str]) -> None:
-    """The run folder (``hydra.run.dir``, else ``outputs/``) must take a file before Hydra writes its config and
-    log there: a read-only or full disk is one line here, not a traceback from Hydra's logging set-up."""
-    if any(a.startswith("-") for a in args):
-        return  # a sweep writes under hydra.sweep.dir; --help, --cfg and the like write nothing
-    given = [a.partition("=")[2] for a in args if a.startswith("hydra.run.dir=")]
-    path = Path(given[-1] if given else "outputs").expanduser()
+def check_run_dir(path: Path) -> None:
+    """The run folder (``hydra.run.dir`` as :func:`preflight` resolved it) must take a file before Hydra writes its
+    config and log there: a read-only or full disk is one line here, not a traceback from Hydra's logging set-up.
+    Creates nothing: the folder, or the nearest folder above it that exists, takes a temporary file that is gone
+    again (a refused command leaves no empty run folder behind)."""
+    where = path.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as exc:
         fail(write_error(OSError(exc.errno, exc.strerror, str(path))))
@@ -226,15 +290,25 @@ def check_hardware(job: list[str]) -> None:
              f"hardware={cfg.hardware.name} has no GPU: add the hardware of the cluster's nodes, e.g. hardware=beluga")
 
 
+def print_sweep(swept: list[str] | None) -> str | None:
+    """Print the table of the sweep this process drove (:func:`expertchat.runs.jobs.sweep_lines`); its folder, or
+    None when no sweep started."""
+    from expertchat.runs import jobs
+
+    sweep = jobs.SweepCallback.sweep_dir
+    if sweep is not None:
+        for line in jobs.sweep_lines(sweep, swept or None, ended=True):
+            print(line)
+    return sweep
+
+
 def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
     """Print the sweep's table of jobs (jobs.sweep_lines) and exit non-zero when any job did not finish."""
     from expertchat.runs import jobs
 
-    sweep = jobs.SweepCallback.sweep_dir
+    sweep = print_sweep(swept)
     if sweep is None:  # the sweep never started (a composition error, --help, --cfg)
         sys.exit(code)
-    for line in jobs.sweep_lines(sweep, swept or None, ended=True):
-        print(line)
     try:  # the numbers of each job (held-out reward change, win-rate, length): sweep.md and sweep.png
         from expertchat.report.sweep import write_sweep_report
 
@@ -251,17 +325,33 @@ def end_sweep(code: int | str | None, swept: list[str] | None) -> None:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def ended_by_signal(before: Callable[[], None] | None = None) -> Iterator[None]:
+    """A job interrupted by a signal (:mod:`expertchat.runs.signals`; its status and log say so) ends this process
+    by the same signal once everything has unwound, so that the shell or scheduler sees the end it expects
+    (``$?`` 143 for SIGTERM). ``before``: what to print first (a sweep's table)."""
+    from expertchat.runs import signals
+
+    try:
+        yield
+    except signals.Interrupted as exc:
+        if before is not None:
+            before()
+        print(f"expertchat: {exc.message}", file=sys.stderr)
+        signals.die_by(exc.signum)
+
+
 def main() -> None:
     args = sys.argv[1:]
     checks = os.environ.get("HYDRA_FULL_ERROR") != "1"
     multirun = any(a in ("-m", "--multirun") for a in args)
     if checks:
         check_renamed(args)
-        check_run_dir(args)
     if not multirun:
-        if checks and not any(a.startswith("-") for a in args):
-            preflight(args)
-        app()
+        if checks and not any(a.startswith("-") for a in args):  # --help, --cfg and the like write nothing
+            check_run_dir(preflight(args))
+        with ended_by_signal():
+            app()
         return
     job = first_job(args)
     if checks:
@@ -273,7 +363,8 @@ def main() -> None:
 
     logging.getLogger("submitit").addFilter(jobs.QuietSacct())
     try:
-        app()
+        with ended_by_signal(lambda: print_sweep(job[1] if job else None)):
+            app()
         code: int | str | None = 0
     except SystemExit as exc:
         code = exc.code

@@ -259,14 +259,19 @@ def after_run(run_dir: str | Path, tracker: Tracker | None = None, just_finished
         if load(run_dir).empty():
             return None
         path = write_report(run_dir, just_finished=just_finished)
-        if tracker is not None:
-            track(tracker, load(run_dir), sorted((Path(run_dir) / plots.PLOTS_DIR).glob("*.png")))
         log.debug("report: %s", path)  # the closing summary names report.md
-        return path
     except Exception as exc:  # noqa: BLE001 - a report must not fail a finished run
         log.warning("the report of %s failed (%s: %s); rebuild it with python -m expertchat.report %s", run_dir,
                     type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", run_dir)
         return None
+    if tracker is not None:
+        try:
+            track(tracker, load(run_dir), sorted((Path(run_dir) / plots.PLOTS_DIR).glob("*.png")))
+        except Exception as exc:  # noqa: BLE001 - the run folder holds everything; only the tracked copy lacks it
+            log.warning("the tracked run lacks the tables, plots and evaluation summary of %s (%s: %s); report.md "
+                        "and plots/ are complete", run_dir, type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+    return path
 
 
 def track(tracker: Tracker, data: RunData, images: list[Path]) -> None:

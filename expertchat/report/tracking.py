@@ -57,6 +57,8 @@ class WandbTracker(Tracker):
 
         root = Path(run_dir)
         (root / "wandb").mkdir(parents=True, exist_ok=True)
+        for line in wandb_dirs(root):
+            log.warning("%s", line)
         id_file = root / "wandb" / "run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
@@ -156,3 +158,58 @@ def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(value, (int, float, str, bool)) or value is None:
             out[name] = value
     return out
+
+
+# W&B's own folders, outside the run folder: where it stages the files of tables and images before they are logged
+# (data), caches artifacts (cache) and keeps its settings (config). Defaults under $HOME (platformdirs).
+WANDB_DIRS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config"}
+
+
+def wandb_dirs(run_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Make sure W&B can write its own folders (:data:`WANDB_DIRS`): on a compute node whose $HOME is read-only or
+    over quota, W&B would otherwise finish the run as successful without its tables, plots and evaluation summary.
+    A default folder that cannot be written is replaced by ``<run_dir>/wandb/<data|cache|config>`` (the
+    environment variable is set for this process); a folder the user chose is an error.
+
+    Returns:
+        one line per folder replaced (for the log); empty when all can be written (or ``run_dir`` is None: checks
+        only).
+
+    Raises:
+        ExpertChatError: a folder set by its environment variable cannot be written: the variable, the folder, why.
+    """
+    import platformdirs
+
+    from expertchat.errors import ExpertChatError
+
+    defaults = {"WANDB_DATA_DIR": platformdirs.user_data_dir("wandb"),
+                "WANDB_CACHE_DIR": platformdirs.user_cache_dir("wandb"),
+                "WANDB_CONFIG_DIR": str(Path(platformdirs.user_config_dir()) / "wandb")}
+    replaced = []
+    for var, name in WANDB_DIRS.items():
+        folder = Path(os.environ.get(var) or defaults[var]).expanduser()
+        why = _unwritable(folder)
+        if why is None:
+            continue
+        if os.environ.get(var):
+            raise ExpertChatError(f"{var}={folder} cannot be written ({why}): W&B keeps its {name} there (the run's "
+                                  f"tables and plots are staged in WANDB_DATA_DIR); set {var} to a writable folder, "
+                                  f"e.g. {var}=$SLURM_TMPDIR/wandb-{name}, or use tracker=none")
+        if run_dir is not None:
+            os.environ[var] = str(Path(run_dir, "wandb", name).absolute())
+            replaced.append(f"W&B's {name} folder {folder} cannot be written ({why}): using {os.environ[var]} "
+                            f"({var})")
+    return replaced
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (created if missing) cannot take a file, or None."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None

@@ -4,12 +4,14 @@ Every job (a single run or one job of a multirun, on this machine or a Slurm nod
 run folder when it starts and when it ends, because the Slurm launcher reports a job that raised as completed and
 the sweep driver re-raises only the first failure (../shared/DESIGN.md). The file (written whole, then renamed)::
 
-    {"status": "running" | "done" | "failed", "error": one line | null, "slurm_job_id": "A_i" | "A" | null,
-     "host": str, "seconds": float, "threads": int, "restarts": int, "overrides": [str, ...],
-     "started": ISO time, "finished": ISO time | null}
+    {"status": "running" | "done" | "failed" | "interrupted", "error": one line | null,
+     "slurm_job_id": "A_i" | "A" | null, "host": str, "pid": int, "seconds": float, "threads": int, "restarts": int,
+     "overrides": [str, ...], "stage": "round 0 dialogue" | null, "started": ISO time, "finished": ISO time | null}
 
-A job killed outside Python (OOM, SIGKILL, a node failure) stays ``running``; a requeued job rewrites the file
-(``restarts`` counts Slurm's restarts).
+``stage`` is the stage the job is in (or was in when it ended). A job stopped by a signal it could catch (SIGTERM,
+SIGUSR1/2: :mod:`expertchat.runs.signals`) is ``interrupted``; one killed outside Python (OOM, SIGKILL, a node
+failure) stays ``running``, and its run folder's lock (:mod:`expertchat.runs.lock`) tells the two apart. A requeued
+job rewrites the file (``restarts`` counts Slurm's restarts).
 """
 
 from __future__ import annotations
@@ -148,18 +150,31 @@ class JobStatus:
         self._t0 = time.perf_counter()
         self.fields: dict[str, Any] = {
             "status": "running", "error": None, "slurm_job_id": slurm_job_id(), "host": socket.gethostname(),
+            "pid": os.getpid(),
             "seconds": 0.0, "threads": threads, "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-            "overrides": list(overrides), "started": _now(), "finished": None,
+            "overrides": list(overrides), "stage": None, "started": _now(), "finished": None,
         }
 
     def start(self) -> None:
+        global _CURRENT
+        _CURRENT = self
         self._write()
 
-    def end(self, error: str | None = None) -> None:
-        """Mark the job ``done`` (``error`` None) or ``failed`` with the one-line ``error``."""
-        self.fields.update(status="failed" if error else "done", error=error, finished=_now(),
+    def at_stage(self, stage: str) -> None:
+        """The job begins ``stage`` (e.g. ``round 0 dialogue``)."""
+        self.fields["stage"] = stage
+        self._write()
+
+    def end(self, error: str | None = None, status: str | None = None) -> None:
+        """Mark the job ``done`` (``error`` None) or ``failed`` with the one-line ``error`` (or ``status``, e.g.
+        ``interrupted``)."""
+        self.fields.update(status=status or ("failed" if error else "done"), error=error, finished=_now(),
                            seconds=round(time.perf_counter() - self._t0, 1))
         self._write()
+
+    @property
+    def stage(self) -> str | None:
+        return self.fields["stage"]
 
     def _write(self) -> None:
         """Written whole, then renamed; a folder that cannot take it (full disk, read-only) costs one warning, not
@@ -171,6 +186,15 @@ class JobStatus:
             tmp.replace(self.path)
         except OSError as exc:
             log.warning("could not write %s: %s", self.path, exc.strerror or exc)
+
+
+_CURRENT: JobStatus | None = None  # the status of the job this process runs, between start and end
+
+
+def at_stage(stage: str) -> None:
+    """Record in the running job's ``status.json`` that it begins ``stage`` (nothing outside a job)."""
+    if _CURRENT is not None:
+        _CURRENT.at_stage(stage)
 
 
 def _now() -> str:

@@ -82,7 +82,7 @@ class RunData:
         if self.status is not None:
             err = self.status.get("error")
             if self.status.get("status") == "running":  # a job killed outside Python (OOM, SIGKILL) stays running
-                err = "still running, or killed before it could record its end (out of memory, SIGKILL, time limit)"
+                err = running_or_killed(self.root)
             return str(self.status.get("status")), f"status.json{': ' + err if err else ''}"
         if self.empty():
             return "empty", "no records, stage markers or evaluation"
@@ -301,3 +301,22 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
         return str(v).replace("|", "/").replace("\n", " ")
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def running_or_killed(folder: Path) -> str:
+    """Why a ``status.json`` says ``running``, from the folder's lock (:mod:`expertchat.runs.lock`): the run holds
+    it, or it ended without recording its end."""
+    import json
+
+    from expertchat.runs.lock import LOCK_FILE, holder_state
+
+    path = Path(folder) / LOCK_FILE
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+        alive, why = holder_state(holder, path.stat().st_mtime)
+    except (OSError, ValueError, AttributeError):
+        alive, why = False, "no lock is held"
+    if alive:
+        return f"running ({why}; started {holder.get('started')})"
+    return (f"killed before it could record its end ({why}): out of memory, SIGKILL or a node failure; rerun into "
+            f"the same folder to resume")

@@ -16,7 +16,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,8 @@ class RunStore:
     def clean_leftovers(self) -> list[str]:
         """Remove what a killed run can leave and nothing reads: temporary files of :meth:`write_text`
         (``.<name>.tmp<pid>``, anywhere in the folder) and the scratch folder. Call it at the start of a run,
-        before anything is written (two runs into one folder at once are not supported).
+        before anything is written: the job holds the folder's lock (:mod:`expertchat.runs.lock`), so no other
+        run is writing there.
 
         Returns:
             the removed paths, relative to the run folder.
@@ -256,17 +257,32 @@ class RunStore:
             self._read_marker(path)
 
     def _read_marker(self, path: Path) -> dict[str, Any]:
+        return self.read_json_as(str(path.relative_to(self.root)), lambda obj: isinstance(obj, dict),
+                                 "stage summary", "delete it to run that stage again (its records are set aside), "
+                                                  "then rerun", what="stage marker")
+
+    def read_json_as(self, name: str, valid: Callable[[Any], bool], shape: str, ways: str,
+                     what: str = "") -> Any:
+        """The JSON file ``name`` of the folder, checked where it is read: a file that is not JSON, or whose
+        content ``valid`` refuses, is one line naming it, its size and ``ways`` (what to do).
+
+        Args:
+            shape: what ``valid`` accepts, in words (e.g. ``list of topics``).
+            what: what the file is, in words, before its path (e.g. ``stage marker``).
+
+        Raises:
+            ExpertChatError: the file is unreadable (cut or emptied by a full disk or an interrupted copy).
+        """
+        path = self.path(name)
         try:
-            summary = json.loads(path.read_bytes().decode("utf-8"))
-            if isinstance(summary, dict):
-                return summary
-            why = f"holds {type(summary).__name__}, not a stage summary"
+            obj = json.loads(path.read_bytes().decode("utf-8"))
+            if valid(obj):
+                return obj
+            why = f"holds a JSON {type(obj).__name__} that is not a {shape}"
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             why = f"is not JSON ({exc.__class__.__name__}: {exc})"
-        size = path.stat().st_size
-        raise ExpertChatError(f"stage marker {path} ({size} bytes) {why}: it was cut or emptied (a full disk, an "
-                              f"interrupted copy); delete it to run that stage again (its records are set aside), "
-                              f"then rerun")
+        raise ExpertChatError(f"{what + ' ' if what else ''}{path} ({path.stat().st_size} bytes) {why}: it was cut "
+                              f"or emptied (a full disk, an interrupted copy); {ways}")
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

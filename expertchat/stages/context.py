@@ -19,6 +19,7 @@ from expertchat.engine.models import LoadedModel
 from expertchat.judging.rewards import RewardFactory
 from expertchat.policies.adapters import Policies
 from expertchat.report.tracking import Tracker
+from expertchat.runs import jobs
 from expertchat.runs.store import RunStore
 from expertchat.stages.heldout import EvalPrompt
 
@@ -72,6 +73,7 @@ def run_stage(run: Run, round_idx: int | str, s: Stage) -> dict[str, Any]:
     """
     ran = not run.store.done(round_idx, s.name)
     if ran:
+        jobs.at_stage(f"{'base' if round_idx == 'base' else f'round {round_idx}'} {s.name}")  # status.json says where
         run.store.begin(round_idx, s.name, s.files)
         run.store.finish(round_idx, s.name, s.body(run, round_idx))
     summary = run.store.stage_summary(round_idx, s.name)

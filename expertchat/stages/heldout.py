@@ -4,6 +4,7 @@ source and left out of every dialogue, or the questions of a JSONL file (``evalu
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from expertchat.config.schema import ExpertChatConfig
 from expertchat.errors import ExpertChatError
-from expertchat.stages.topics import TOPICS_FILE, from_jsonl, source_topics
+from expertchat.stages.topics import from_jsonl, recorded_topics, source_topics
 
 if TYPE_CHECKING:  # pragma: no cover
     from expertchat.runs.store import RunStore
@@ -67,7 +68,10 @@ def plan_prompts(cfg: ExpertChatConfig, store: RunStore) -> list[EvalPrompt]:
     """
     ev = cfg.evaluation
     if store.path(PROMPTS_FILE).exists():
-        recorded = store.read_json(PROMPTS_FILE)
+        recorded = store.read_json_as(
+            PROMPTS_FILE, _valid_record, "record of the held-out prompts (settings and prompts)",
+            "restore it from a copy, or delete it with eval.jsonl and stages/*.evaluation.json to evaluate every "
+            "point again")
         changed = [k for k in _FIXED if recorded["settings"].get(k) != settings(cfg)[k]]
         if changed:
             raise ExpertChatError(
@@ -82,9 +86,16 @@ def plan_prompts(cfg: ExpertChatConfig, store: RunStore) -> list[EvalPrompt]:
     if cfg.topics.source == "generated":
         raise ExpertChatError("evaluation.source=topics needs topics it can hold out before the dialogues; with "
                               "topics=generated set evaluation.source=jsonl evaluation.path=FILE.jsonl")
-    used = store.read_json(TOPICS_FILE) if store.path(TOPICS_FILE).exists() else []
+    used = recorded_topics(store)
     topics = held_out_topics(source_topics(cfg.topics)[0], ev.holdout, cfg.seed, used)
     return [EvalPrompt(i, t, cfg.dialogue.opening.format(topic=t)) for i, t in enumerate(topics)]
+
+
+def _valid_record(obj: Any) -> bool:
+    """Whether ``obj`` is what :func:`record_prompts` writes."""
+    fields = {f.name for f in dataclasses.fields(EvalPrompt)}
+    return (isinstance(obj, dict) and isinstance(obj.get("settings"), dict) and isinstance(obj.get("prompts"), list)
+            and all(isinstance(p, dict) and set(p) == fields for p in obj["prompts"]))
 
 
 def settings(cfg: ExpertChatConfig) -> dict[str, Any]:

@@ -65,11 +65,29 @@ def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int
     is written; ``None`` when ``topics.json`` already has them or the actor must write them (``generated``).
 
     Raises:
-        ExpertChatError: a missing file or field, an unreachable dataset, or no topics at all.
+        ExpertChatError: a missing file or field, an unreachable dataset, no topics at all, or a damaged
+            ``topics.json`` (:func:`recorded_topics`).
     """
-    if store.path(TOPICS_FILE).exists() or cfg.source == "generated":
+    if store.path(TOPICS_FILE).exists():
+        recorded_topics(store)  # checked before any model loads
+        return None
+    if cfg.source == "generated":
         return None
     return load_topics(cfg, count, seed=seed, exclude=exclude)
+
+
+def recorded_topics(store: RunStore) -> list[str]:
+    """The topics ``topics.json`` holds (``[]`` without the file): the run's dialogues were held on them, so a
+    damaged file is never replaced by topics chosen anew.
+
+    Raises:
+        ExpertChatError: the file is cut or emptied, or holds no list of topics: its path and the ways on.
+    """
+    if not store.path(TOPICS_FILE).exists():
+        return []
+    return store.read_json_as(
+        TOPICS_FILE, lambda obj: isinstance(obj, list) and all(isinstance(t, str) for t in obj), "list of topics",
+        "restore it from a copy of the folder, or run into a new folder (its dialogues were held on these topics)")
 
 
 def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] | None, *,
@@ -89,7 +107,7 @@ def run_topics(cfg: TopicsConfig, store: RunStore, count: int, early: list[str] 
     if not store.path(TOPICS_FILE).exists():
         topics = early or load_topics(cfg, count, model=model, generation=generation, seed=seed, exclude=exclude)
         store.write_json(TOPICS_FILE, fit_topics(topics, model.tokenizer, model.cfg.max_length))
-    topics = store.read_json(TOPICS_FILE)
+    topics = recorded_topics(store)
     if len(topics) < count:
         more = load_topics(cfg, count, model=model, generation=generation, seed=seed, exclude=exclude)
         topics += fit_topics(more[len(topics):], model.tokenizer, model.cfg.max_length)

@@ -139,3 +139,51 @@ def test_a_multirun_job_is_grouped_by_its_sweep_and_named_by_its_swept_overrides
     config, _, _, run = read_back(sweep_dir / "1")
     assert run.display_name == "reward.zeta=0.4" and run.run_group == "2026-11-30_20-00-00"
     assert config["sweep"]["overrides"] == ["+experiment=smoke", "reward.zeta=0.4"]
+
+
+def test_wandb_folders_under_an_unwritable_home_move_into_the_run_folder(tmp_path, monkeypatch):
+    """The case wandb-home-unwritable: W&B's data/cache/config folders under a $HOME that cannot be written lost the
+    run's tables and plots; a default folder moves into the run folder, and the tracked run holds everything."""
+    from expertchat.report.tracking import WANDB_DIRS
+
+    for var in WANDB_DIRS:
+        monkeypatch.delenv(var, raising=False)
+    for xdg in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(xdg, f"/proc/no-{xdg.lower()}")  # cannot be created, even by root
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = make_run(tmp_path / "run", rounds=1)
+    tracker = make_tracker(TrackerConfig(backend="wandb", mode="offline"), run_dir, {})
+    try:
+        import os
+
+        assert {os.environ[v] for v in WANDB_DIRS} == {str(run_dir / "wandb" / n) for n in ("data", "cache", "config")}
+        assert report.after_run(run_dir, tracker) == run_dir / "report.md"
+    finally:
+        tracker.finish()
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/table/tables/dialogues_*.table.json"))
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png"))
+
+
+def test_a_wandb_folder_the_user_set_that_cannot_be_written_is_one_line(monkeypatch):
+    import pytest
+
+    from expertchat.errors import ExpertChatError
+    from expertchat.report.tracking import wandb_dirs
+
+    monkeypatch.setenv("WANDB_DATA_DIR", "/proc/wandb-data")
+    with pytest.raises(ExpertChatError, match=r"^WANDB_DATA_DIR=/proc/wandb-data cannot be written \(.*\): .* set "
+                                              r"WANDB_DATA_DIR to a writable folder"):
+        wandb_dirs()
+
+
+def test_a_tracker_that_fails_is_blamed_not_the_report(tmp_path, caplog):
+    class Broken(Tracker):
+        def log_table(self, name, columns, rows):
+            raise PermissionError("Unable to write staging files to /proc/wandb-data/artifacts/staging")
+
+    run_dir = make_run(tmp_path / "run", rounds=1)
+    assert report.after_run(run_dir, Broken()) == run_dir / "report.md"
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("the tracked run lacks the tables, plots and evaluation summary of") and \
+        "PermissionError: Unable to write staging files" in line and "report.md and plots/ are complete" in line
