@@ -169,8 +169,8 @@ def sweep_in_single_run(error: str) -> str:
     """One line for a value Hydra reads as a sweep in a single run (``a,b``, ``range()``, ``choice()``), keeping
     Hydra's own hints; a number written with a decimal comma (``0,4``) also gets its decimal-point spelling.
 
-    >>> sweep_in_single_run("Ambiguous value for argument 'reward.zeta=0,4'\\n1. To use it as a list, use key=[a,b]")
-    "Ambiguous value for argument 'reward.zeta=0,4': a number takes a decimal point (reward.zeta=0.4); to use it as a list, use key=[a,b]"
+    >>> sweep_in_single_run("Ambiguous value for argument 'reward.zeta=0,4'\\n1. To use it as a list, use [a,b]")[48:]
+    'a number takes a decimal point (reward.zeta=0.4); to use it as a list, use [a,b]'
     """
     lines = error.splitlines()
     hints = [line.partition(". ")[2] or line for line in lines[1:] if line.strip()]

@@ -122,15 +122,16 @@ def test_an_emptied_stage_marker_stops_the_rerun_before_anything_is_written(tmp_
     ("topics.json", b'["CRISPR base edit', r"is not JSON"),  # cut by an interrupted copy
     ("topics.json", b"{}", r"holds a JSON dict that is not a list of topics"),
     ("eval_prompts.json", b"", r"is not JSON"),
-    ("eval_prompts.json", b'{"settings": {}, "prompts": [{"id": 0}]}', r"holds a JSON dict that is not a record of the held-out"),
+    ("eval_prompts.json", b'{"settings": {}, "prompts": [{"id": 0}]}',
+     r"holds a JSON dict that is not a record of the held-out"),
 ])
 def test_damaged_topics_or_eval_prompts_stop_the_rerun_in_one_line(tmp_path, name, damage, why):
     """Never topics or held-out prompts chosen anew in place of the ones the folder's records were made on."""
     from expertchat.modes import run as pipeline
 
     (tmp_path / name).write_bytes(damage)
-    with pytest.raises(ExpertChatError, match=rf"^{tmp_path}/{name.replace('.', '[.]')} \({len(damage)} bytes\) {why}.*: it was "
-                                              rf"cut or emptied .*; restore it from a copy") as err:
+    with pytest.raises(ExpertChatError, match=rf"^{tmp_path}/{name.replace('.', '[.]')} \({len(damage)} bytes\) "
+                                              rf"{why}.*: it was cut or emptied .*; restore it from a copy") as err:
         pipeline.check(pipeline_cfg(tmp_path, f"hydra.run.dir={tmp_path}"))
     assert "\n" not in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == [name]
