@@ -185,6 +185,7 @@ def reference(tmp_path_factory):
     run_to_end(base / "run", base / "tmp", base / "run.log")
     snap = snapshot(base / "run")
     assert snap["turns"] and snap["ratings"] and snap["metrics"], "the reference run recorded nothing"
+    snap["seconds"] = json.loads((base / "run" / "status.json").read_text())["seconds"]
     print(f"\nreference: {counts(base / 'run')}")
     return snap
 
@@ -253,3 +254,133 @@ def test_begin_counts_what_it_sets_aside_and_leftovers_are_removed(tmp_path):
                                        ".scratch"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".hydra", "config.yaml", "stages", "turns.incomplete.jsonl",
                                                            "turns.jsonl"]
+
+
+# ------------------------------------------------------------------- signals, random kills, two writers at once
+
+
+def run_and_signal(run_dir: Path, tmpdir: Path, log: Path, reached, sig: int, what: str) -> subprocess.Popen:
+    """Start the run, poll until ``reached(run_dir)``, send ``sig`` and wait for the process to end."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=environment(tmpdir), stdout=out,
+                                stderr=subprocess.STDOUT)
+        start = time.monotonic()
+        try:
+            while not reached(run_dir):
+                assert proc.poll() is None, f"missed {what}: the run exited ({proc.returncode}) before it"
+                assert time.monotonic() - start < RUN_TIMEOUT_S, f"{what} not reached in {RUN_TIMEOUT_S} s"
+                time.sleep(POLL_S)
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc
+
+
+def test_sigterm_is_recorded_with_its_stage_and_the_rerun_resumes(reference, tmp_path):
+    """The case sigterm-status-running: scancel, the time limit and preemption send SIGTERM; status.json and the log
+    say so (never "running" forever), the process still ends by SIGTERM (exit 143 in a shell), a rerun resumes."""
+    run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"
+    proc = run_and_signal(run_dir, tmpdir, tmp_path / "term.log", during_rating, signal.SIGTERM, "rating")
+    assert proc.returncode == -signal.SIGTERM
+    status = json.loads((run_dir / "status.json").read_text())
+    expected = ("interrupted by SIGTERM (scancel, the time limit or preemption) at round 0 rating: rerun into the "
+                "same folder to resume from the last completed stage")
+    assert (status["status"], status["error"], status["stage"]) == ("interrupted", expected, "round 0 rating")
+    assert status["finished"] is not None
+    assert expected in (run_dir / "expertchat.log").read_text()
+    assert expected in (tmp_path / "term.log").read_text()
+    assert not (run_dir / ".lock").exists()  # released on the way out
+    from expertchat.runs.reader import load
+
+    assert load(run_dir).state() == ("interrupted", f"status.json: {expected}")
+    run_to_end(run_dir, tmpdir, tmp_path / "rerun.log")
+    snap = snapshot(run_dir)
+    assert (snap["turns"], snap["ratings"], snap["eval"]) == (reference["turns"], reference["ratings"],
+                                                              reference["eval"])
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+
+
+FAULTS = int(os.environ.get("EXPERTCHAT_FAULTS", "3"))  # random kills per harness run (the slow tier: 10)
+FAULT_SEED = int(os.environ.get("EXPERTCHAT_FAULT_SEED", "2026"))
+
+
+def inject_faults(run_dir: Path, tmpdir: Path, logs: Path, n: int, seed: int, span_s: float) -> list[str]:
+    """Kill the run into ``run_dir`` ``n`` times at random moments (SIGKILL or SIGTERM, after a uniform delay in
+    [0.5, ``span_s``] s, seeded), each time rerunning into the same folder; returns what happened, one line each."""
+    import random
+
+    rng = random.Random(seed)
+    said = []
+    for i in range(n):
+        sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        delay = rng.uniform(0.5, span_s)
+        with (logs / f"fault{i}.log").open("w") as out:
+            proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=environment(tmpdir), stdout=out,
+                                    stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=delay)
+                said.append(f"{i}: ended ({proc.returncode}) before its {signal.Signals(sig).name} at {delay:.1f} s")
+                assert proc.returncode == 0, (logs / f"fault{i}.log").read_text()[-2000:]
+            except subprocess.TimeoutExpired:
+                proc.send_signal(sig)
+                proc.wait(timeout=120)
+                stage = json.loads((run_dir / "status.json").read_text()).get("stage") \
+                    if (run_dir / "status.json").exists() else None
+                said.append(f"{i}: {signal.Signals(sig).name} at {delay:.1f} s (stage: {stage}) -> {proc.returncode}")
+                assert proc.returncode in (-sig, 0), (logs / f"fault{i}.log").read_text()[-2000:]
+    return said
+
+
+def test_random_kills_resume_to_the_records_of_an_uninterrupted_run(reference, reference_seconds, tmp_path):
+    """The fault-injection harness: EXPERTCHAT_FAULTS random SIGKILL/SIGTERM (seed EXPERTCHAT_FAULT_SEED) into one
+    folder, each followed by a rerun; the end holds the uninterrupted run's records by id, nothing twice."""
+    run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"
+    said = inject_faults(run_dir, tmpdir, tmp_path, FAULTS, FAULT_SEED, span_s=reference_seconds)
+    run_to_end(run_dir, tmpdir, tmp_path / "final.log")
+    print(f"\nfaults (seed {FAULT_SEED}): " + "; ".join(said))
+    snap = snapshot(run_dir)
+    for name in ("turns", "ratings", "eval", "metrics"):
+        assert snap[name] == reference[name], f"{name}: differs from the uninterrupted run after {said}"
+    assert [(r["round"], r["model"]) for r in snap["rewards"]] == \
+        [(r["round"], r["model"]) for r in reference["rewards"]]
+    assert not (run_dir / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def reference_seconds(reference) -> float:
+    """How long the reference run took (its status.json), the span the harness's kills are drawn from."""
+    return float(reference["seconds"])
+
+
+def test_a_second_run_into_a_folder_a_live_run_holds_refuses_and_touches_nothing(tmp_path):
+    """The case concurrent-run-same-folder (a ``${now:}`` collision, a sweep rerun into its folder): the second run
+    stops in one line before Hydra writes anything there, in mode=run and mode=eval."""
+    from expertchat.runs.lock import LOCK_FILE, process_start
+
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / LOCK_FILE).write_text(json.dumps({
+            "host": os.uname().nodename, "pid": holder.pid, "process_start": process_start(holder.pid),
+            "started": "2026-12-06T08:00:00+00:00", "command": "python -m expertchat +experiment=smoke",
+            "slurm_job_id": None}))
+        (run_dir / "status.json").write_text('{"status": "running"}')
+        before = {p: p.read_bytes() for p in run_dir.rglob("*")}
+        for extra in ([f"hydra.run.dir={run_dir}"], ["mode=eval", f"evaluation.run={run_dir}",
+                                                     f"hydra.run.dir={tmp_path / 'eval'}"]):
+            proc = subprocess.run([sys.executable, "-m", "expertchat", "+experiment=smoke", *extra], cwd=ROOT,
+                                  env=environment(tmp_path / "tmp"), capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            (line,) = proc.stderr.strip().splitlines()
+            assert line.startswith(f"expertchat: error: a run is in progress in {run_dir} since "
+                                   f"2026-12-06T08:00:00+00:00 (process {holder.pid} on this host is alive; command: "
+                                   f"python -m expertchat +experiment=smoke): wait for it"), line
+            assert {p: p.read_bytes() for p in run_dir.rglob("*")} == before
+        assert not (tmp_path / "eval").exists()
+    finally:
+        holder.kill()
+        holder.wait()

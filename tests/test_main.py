@@ -202,3 +202,24 @@ def test_a_read_only_run_folder_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert f"cannot write {ro / 'run'}: Read-only file system" in lines[0]
+
+
+def test_a_run_folder_that_needs_quoting_lands_where_said_and_a_refused_one_creates_nothing(tmp_path):
+    """The case run-dir-quoted-nonascii: a folder with a space and non-ASCII letters, quoted for Hydra as the error
+    says, holds the run and nothing else appears anywhere (not in the current directory); refused commands (an
+    unquoted value, a sweep value in a single run, a read-only place) leave no empty run folder behind."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for args in ([f"hydra.run.dir={tmp_path}/a/run dir é"], [f"hydra.run.dir={tmp_path}/b", "reward.zeta=0,4"],
+                 [f"hydra.run.dir={tmp_path}/c", "generation.temperature=0"]):
+        proc = run_cli("+experiment=smoke", *args, cwd=cwd)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "quote its value" in run_cli("+experiment=smoke", f"hydra.run.dir={tmp_path}/a/run dir é", cwd=cwd).stderr
+    assert "a number takes a decimal point (reward.zeta=0.4)" in \
+        run_cli("+experiment=smoke", "reward.zeta=0,4", cwd=cwd).stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd"]
+    quoted = tmp_path / "q" / "run dir é"
+    proc = run_cli("+experiment=smoke", "mode=plan", f"hydra.run.dir='{quoted}'", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (quoted / "status.json").exists() and (quoted / ".hydra" / "config.yaml").exists()
+    assert list(cwd.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "q"]

@@ -75,14 +75,15 @@ class RunData:
             if ((r, s) not in self.markers if s != "evaluation" else r not in points)]
 
     def state(self) -> tuple[str, str]:
-        """``(state, how it is known)``: the status file's ``status`` (running / done / failed) when there is one,
+        """``(state, how it is known)``: the status file's ``status`` (running / done / failed / interrupted; a
+        ``running`` one without a live lock is ``killed``: :func:`running_or_killed`) when there is one,
         else ``done`` when every stage marker is there, else ``incomplete``; ``empty`` for nothing at all."""
         if self.just_finished:
             return "done", "written by the run as it finished"
         if self.status is not None:
             err = self.status.get("error")
             if self.status.get("status") == "running":  # a job killed outside Python (OOM, SIGKILL) stays running
-                err = running_or_killed(self.root)
+                return running_or_killed(self.root)
             return str(self.status.get("status")), f"status.json{': ' + err if err else ''}"
         if self.empty():
             return "empty", "no records, stage markers or evaluation"
@@ -303,11 +304,10 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
         "| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
-def running_or_killed(folder: Path) -> str:
-    """Why a ``status.json`` says ``running``, from the folder's lock (:mod:`expertchat.runs.lock`): the run holds
-    it, or it ended without recording its end."""
-    import json
-
+def running_or_killed(folder: Path) -> tuple[str, str]:
+    """``(state, how it is known)`` of a folder whose ``status.json`` says ``running``, from its lock
+    (:mod:`expertchat.runs.lock`): ``running`` while the run holds it, else ``killed`` (it ended without recording
+    its end: out of memory, SIGKILL, a node failure)."""
     from expertchat.runs.lock import LOCK_FILE, holder_state
 
     path = Path(folder) / LOCK_FILE
@@ -317,6 +317,6 @@ def running_or_killed(folder: Path) -> str:
     except (OSError, ValueError, AttributeError):
         alive, why = False, "no lock is held"
     if alive:
-        return f"running ({why}; started {holder.get('started')})"
-    return (f"killed before it could record its end ({why}): out of memory, SIGKILL or a node failure; rerun into "
-            f"the same folder to resume")
+        return "running", f"status.json, and the lock: {why}"
+    return "killed", (f"status.json says running, but {why}: killed before it could record its end (out of memory, "
+                      f"SIGKILL or a node failure); rerun into the same folder to resume")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from expertchat.report import markdown as report
 from expertchat.report.tracking import Tracker
@@ -153,7 +154,14 @@ def test_the_run_reports_itself_done_before_its_status_file_says_so(tmp_path):
     assert report.after_run(run, Tracker(), just_finished=True) == run / "report.md"
     assert "**State: done** (written by the run as it finished)" in (run / "report.md").read_text()
     report.write_report(run)  # rebuilt later while the status file still says running (e.g. killed since)
-    assert "**State: running** (status.json: still running, or killed before" in (run / "report.md").read_text()
+    assert "**State: killed** (status.json says running, but no lock is held: killed before it could record its end" \
+        in (run / "report.md").read_text()
+    from expertchat.runs.lock import RunLock
+
+    with RunLock([run]):  # while the run holds its folder
+        report.write_report(run)
+        assert f"**State: running** (status.json, and the lock: process {os.getpid()} on this host is alive)" in \
+            (run / "report.md").read_text()
 
 
 def test_an_evaluated_run_misses_the_evaluation_points_it_lacks(tmp_path):
