@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.02  # how often a watched run's folder is looked at
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = int(os.environ.get("EXPERTCHAT_RUN_TIMEOUT_S", "300"))  # one smoke run (about 40 s on 2 idle cores)
 STAGES = ("dialogue", "rating", "training", "evaluation")
 ROLES = ("actor", "judge")
 TEMP_NAME = re.compile(r"^\..+\.tmp\d+$")  # store.write_text's temporary file: .<name>.tmp<pid>
@@ -303,7 +303,8 @@ def test_sigterm_is_recorded_with_its_stage_and_the_rerun_resumes(reference, tmp
     assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
 
 
-FAULTS = int(os.environ.get("EXPERTCHAT_FAULTS", "3"))  # random kills per harness run (the slow tier: 10)
+FAULTS = int(os.environ.get("EXPERTCHAT_FAULTS", "3"))  # random kills per harness run in the e2e tier
+SLOW_FAULTS = int(os.environ.get("EXPERTCHAT_SLOW_FAULTS", "8"))  # ... and in the slow tier
 FAULT_SEED = int(os.environ.get("EXPERTCHAT_FAULT_SEED", "2026"))
 
 
@@ -334,13 +335,18 @@ def inject_faults(run_dir: Path, tmpdir: Path, logs: Path, n: int, seed: int, sp
     return said
 
 
-def test_random_kills_resume_to_the_records_of_an_uninterrupted_run(reference, reference_seconds, tmp_path):
-    """The fault-injection harness: EXPERTCHAT_FAULTS random SIGKILL/SIGTERM (seed EXPERTCHAT_FAULT_SEED) into one
-    folder, each followed by a rerun; the end holds the uninterrupted run's records by id, nothing twice."""
+@pytest.mark.parametrize("n, seed", [
+    pytest.param(FAULTS, FAULT_SEED, id="e2e"),
+    pytest.param(SLOW_FAULTS, FAULT_SEED + 1, id="slow", marks=pytest.mark.slow),
+])
+def test_random_kills_resume_to_the_records_of_an_uninterrupted_run(reference, reference_seconds, tmp_path, n, seed):
+    """The fault-injection harness: ``n`` random SIGKILL/SIGTERM (seeded) into one folder, each followed by a rerun;
+    the end holds the uninterrupted run's records by id, nothing twice, nothing different (EXPERTCHAT_FAULTS,
+    EXPERTCHAT_SLOW_FAULTS and EXPERTCHAT_FAULT_SEED change the numbers)."""
     run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"
-    said = inject_faults(run_dir, tmpdir, tmp_path, FAULTS, FAULT_SEED, span_s=reference_seconds)
+    said = inject_faults(run_dir, tmpdir, tmp_path, n, seed, span_s=reference_seconds)
     run_to_end(run_dir, tmpdir, tmp_path / "final.log")
-    print(f"\nfaults (seed {FAULT_SEED}): " + "; ".join(said))
+    print(f"\n{n} faults (seed {seed}): " + "; ".join(said))
     snap = snapshot(run_dir)
     for name in ("turns", "ratings", "eval", "metrics"):
         assert snap[name] == reference[name], f"{name}: differs from the uninterrupted run after {said}"
