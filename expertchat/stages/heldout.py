@@ -80,6 +80,10 @@ def plan_prompts(cfg: ExpertChatConfig, store: RunStore) -> list[EvalPrompt]:
                 f"recorded value, or evaluate into a copy of the folder without eval.jsonl, {PROMPTS_FILE} and "
                 f"stages/*.evaluation.json")
         return [EvalPrompt(**p) for p in recorded["prompts"]]
+    if store.read("eval.jsonl"):
+        raise ExpertChatError(f"{store.path(PROMPTS_FILE)} is gone but eval.jsonl holds answers to the prompts it "
+                              f"listed: restore it from a copy, or delete eval.jsonl and stages/*.evaluation.json to "
+                              f"evaluate every point again")
     if ev.source == "jsonl":
         questions = from_jsonl(ev.path, ev.question_field)[:ev.limit]
         return [EvalPrompt(i, q, q) for i, q in enumerate(questions)]

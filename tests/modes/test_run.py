@@ -135,3 +135,16 @@ def test_damaged_topics_or_eval_prompts_stop_the_rerun_in_one_line(tmp_path, nam
         pipeline.check(pipeline_cfg(tmp_path, f"hydra.run.dir={tmp_path}"))
     assert "\n" not in str(err.value)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("records, gone", [("turns.jsonl", "topics.json"), ("eval.jsonl", "eval_prompts.json")])
+def test_a_deleted_topics_or_prompts_file_beside_its_records_stops_the_rerun(tmp_path, records, gone):
+    """Topics or held-out prompts chosen anew would silently differ from those the folder's dialogues or answers
+    were made on (e.g. topics=generated): one line instead."""
+    from expertchat.modes import run as pipeline
+
+    (tmp_path / records).write_text('{"round": 0, "dialogue_id": "0", "turn": 0}\n')
+    with pytest.raises(ExpertChatError, match=rf"^{tmp_path}/{gone.replace('.', '[.]')} is gone but {records} holds "
+                                              rf".*: restore it from a copy"):
+        pipeline.check(pipeline_cfg(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == [records]
