@@ -240,7 +240,22 @@ def written_folders(run_dir: str, mode: str | None, evaluated_run: str | None) -
 class LockCheck(Callback):
     """A Hydra callback (``hydra.callbacks.lock`` in config.yaml): before Hydra writes anything into a single run's
     folder (its ``.hydra/`` files, the log), a folder locked by a live run stops the command in one line, so that
-    the running job's files stay untouched. (The job then takes the lock itself: :class:`RunLock`.)"""
+    the running job's files stay untouched; before a sweep submits anything, so does a sweep folder one of whose
+    jobs still runs (a sweep rerun into its folder). (Each job then takes its lock itself: :class:`RunLock`.)"""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        sweep = Path(str(config.hydra.sweep.dir))
+        force = OmegaConf.select(config, "resume") == "force"
+        jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)) \
+            if sweep.is_dir() else []
+        for folder in jobs:
+            refusal = peek(folder, force=force)
+            if refusal is not None:
+                print(f"expertchat: error: {refusal.split(': wait for it')[0]}: wait for that sweep, or sweep into "
+                      f"another folder (hydra.sweep.dir=...); nothing was submitted", file=sys.stderr)
+                raise SystemExit(2)
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         from omegaconf import OmegaConf

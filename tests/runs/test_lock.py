@@ -156,3 +156,19 @@ def test_a_running_status_without_a_lock_refuses_when_it_may_be_alive(tmp_path, 
     RunLock([tmp_path]).acquire().release()
     (tmp_path / "status.json").write_text(json.dumps({"status": "done"}))
     RunLock([tmp_path]).acquire().release()
+
+
+def test_a_sweep_into_a_folder_where_a_job_still_runs_submits_nothing(tmp_path, live_process, capsys):
+    from omegaconf import OmegaConf
+
+    _write_lock(tmp_path / "sweep" / "1", pid=live_process.pid, process_start=process_start(live_process.pid))
+    (tmp_path / "sweep" / "0").mkdir()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}, "resume": "auto"})
+    with pytest.raises(SystemExit) as stop:
+        lock.LockCheck().on_multirun_start(config)
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"expertchat: error: a run is in progress in {tmp_path / 'sweep' / '1'} since ")
+    assert line.endswith("wait for that sweep, or sweep into another folder (hydra.sweep.dir=...); nothing was "
+                         "submitted")
+    lock.LockCheck().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "new")}}}))
