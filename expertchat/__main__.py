@@ -51,7 +51,7 @@ def app(cfg: DictConfig) -> None:
     threads = jobs.cpu_threads()  # the CPUs this job was given (never the node's core count), or OMP_NUM_THREADS
     jobs.set_threads(threads, why=jobs.threads_reason())  # the console says it after the key choices
     status = jobs.JobStatus(job.run_dir, job.overrides, threads)
-    folders = written_folders(job.run_dir, cfg.get("mode"), OmegaConf.select(cfg, "evaluation.run"))
+    folders = written_folders(job.run_dir, cfg)
     lock = RunLock(folders, force=cfg.get("resume") == "force")
     try:  # before status.json: a run refused here leaves the folder's running job untouched
         lock.acquire()

@@ -305,6 +305,14 @@ class EvaluationConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """``mode=analyze``: measure what the two speakers did to each other (``expertchat/stages/interaction.py``) in
+    an existing run folder, without any model of the run (the reward's embedder only)."""
+
+    run: Optional[str] = None  # the run folder to measure (None: run_dir); interaction.jsonl and markers go there
+
+
+@dataclass
 class ExpertChatConfig:
     """The whole experiment."""
 
@@ -320,6 +328,7 @@ class ExpertChatConfig:
     rate: RateConfig = field(default_factory=RateConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     mode: str = "run"  # run: the loop | rate: rate a JSONL file (rate.input) | eval: evaluate a run | plan: memory
     rounds: int = 1
     seed: int = 0
@@ -354,12 +363,12 @@ class ExpertChatConfig:
 
 
 MODES = {"run": "expertchat.modes.run", "rate": "expertchat.modes.rate", "eval": "expertchat.modes.eval",
-         "plan": "expertchat.modes.plan"}  # mode -> its module (run by expertchat/modes/registry.py)
+         "plan": "expertchat.modes.plan", "analyze": "expertchat.modes.analyze"}  # mode -> its module (run by expertchat/modes/registry.py)
 
 
 # Keys that may differ when a run is resumed into its folder: they change how it shows or how far it goes, not its
 # results (``rounds``: more rounds extend a finished run). Any other difference stops the rerun (resume=auto).
-RESUME_HARMLESS = ("progress", "resume", "run_dir", "rounds", "tracker")
+RESUME_HARMLESS = ("progress", "resume", "run_dir", "rounds", "tracker", "analysis")
 
 # Keys that moved, old -> new: an override or file that uses the old name stops with one line naming the new one.
 RENAMED = {

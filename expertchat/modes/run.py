@@ -1,6 +1,6 @@
 """The ExpertChat loop (``mode=run``), top to bottom:
 
-    topics ──> EVALUATION of the base ──> (DIALOGUE ──> RATING ──> TRAINING ──> EVALUATION) x rounds
+    topics ──> EVALUATION of the base ──> (DIALOGUE ──> RATING ──> INTERACTION ──> TRAINING ──> EVALUATION) x rounds
 
 Each stage is one line of the table :data:`STAGES` (its body in its module of ``expertchat/stages/``, a function of
 the run context): :func:`~expertchat.stages.context.run_stage` skips it when its marker says it is done,
@@ -24,7 +24,7 @@ from expertchat.policies.adapters import Policies, check_saved
 from expertchat.report.console import summary_lines
 from expertchat.report.tracking import Tracker
 from expertchat.runs.store import STAGES_DIR, RunStore
-from expertchat.stages import dialogue, evaluation, heldout, rating, topics, training
+from expertchat.stages import dialogue, evaluation, heldout, interaction, rating, topics, training
 from expertchat.stages.context import Run, Stage, run_stage
 from expertchat.stats import fmt
 
@@ -175,6 +175,9 @@ STAGES = (
     Stage("dialogue", dialogue.stage, [dialogue.TURNS_FILE], _dialogue_lines,
           lambda s: {"dialogue/tok_per_s": s.get("tok_per_s"), "dialogue/new_tokens": s.get("new_tokens")}),
     Stage("rating", rating.stage, [rating.RATINGS_FILE], _rating_lines, _rating_headlines),
+    # what the two speakers did to each other (echo, agreement, drift, ...): words and the reward's embedder only
+    Stage("interaction", interaction.stage, [interaction.INTERACTION_FILE], interaction.describe,
+          interaction.headlines),
     # the trainer tracks every step and the round's mean rewards itself (training.py)
     Stage("training", training.stage, [training.TRAIN_METRICS_FILE], _training_lines, lambda s: {}),
     # held-out answers scored by a frozen judge; also run once before round 0 ("base"); tracked by evaluation.py

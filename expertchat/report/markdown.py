@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertchat.errors import ExpertChatError
-from expertchat.report import plots
+from expertchat.report import interaction, plots
 from expertchat.runs.reader import RunData, ci, get, groups, load, mean, table, turn_guards
 from expertchat.stats import fmt
 
@@ -227,7 +227,8 @@ def build(data: RunData, figures: dict[str, Path]) -> str:
 
     lines = header_section(data) + run_section(data) + evaluation_section(data) + fig("eval_reward", "eval_categories")
     lines += dialogue_section(data) + fig("length") + rating_section(data)
-    lines += fig("rating_categories", "similarity_vs_score") + training_section(data) + fig("training")
+    lines += fig("rating_categories", "similarity_vs_score") + interaction.section(data, fig)
+    lines += training_section(data) + fig("training")
     lines += samples_section(data)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -246,7 +247,11 @@ def write_report(run_dir: str | Path, just_finished: bool = False) -> Path:
                               f"evaluation (is it a run folder? a sweep folder has multirun.yaml)")
     path = data.root / REPORT_FILE
     tmp = path.with_name(f".{REPORT_FILE}.tmp{os.getpid()}")  # the run folder's temporary name (store.py)
-    tmp.write_text(build(data, plots.draw(data)), encoding="utf-8")
+    figures = plots.draw(data)
+    drawn = interaction.figure(data, data.root / plots.PLOTS_DIR / "interaction_turns.png")
+    if drawn is not None:
+        figures["interaction_turns"] = drawn
+    tmp.write_text(build(data, figures), encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -294,7 +299,10 @@ def track(tracker: Tracker, data: RunData, images: list[Path]) -> None:
                 + rating_cells(rated.get((str(t.get("dialogue_id")), t.get("turn")), {}))
                 for t in data.turns for g in [guards[(str(t.get("dialogue_id")), t.get("turn", 0))]]]
         tracker.log_table("dialogues", cols + rating_cols, rows)
-    elif data.ratings:
+    if data.interaction:  # what the speakers did to each other, per turn (interaction.jsonl)
+        cols = list(dict.fromkeys(k for r in data.interaction for k in r))
+        tracker.log_table("interaction", cols, [[r.get(k) for k in cols] for r in data.interaction])
+    if not data.turns and data.ratings:
         tracker.log_table("ratings", ["id", "answer_tokens", *rating_cols],
                           [[str(r.get("id")), r.get("answer_tokens"), *rating_cells(r)] for r in data.ratings])
     if data.eval_rows:

@@ -231,10 +231,18 @@ def running_without_lock(folder: Path, now: float | None = None) -> str | None:
             f"pass resume=force")
 
 
-def written_folders(run_dir: str, mode: str | None, evaluated_run: str | None) -> list[str]:
-    """The run folders a job writes into, each locked while it runs: its own, and in ``mode=eval`` the evaluated
-    run's (``evaluation.run``), where the evaluation's records go."""
-    return [run_dir, *([evaluated_run] if mode == "eval" and evaluated_run else [])]
+OTHER_FOLDER = {"eval": "evaluation.run", "analyze": "analysis.run"}  # modes that write into a run's folder
+
+
+def written_folders(run_dir: str, config: Any) -> list[str]:
+    """The run folders a job writes into, each locked while it runs: its own, and the run folder that ``mode=eval``
+    (``evaluation.run``) or ``mode=analyze`` (``analysis.run``) writes its results into. ``config``: the job's
+    (Hydra) config."""
+    from omegaconf import OmegaConf
+
+    key = OTHER_FOLDER.get(str(OmegaConf.select(config, "mode")))
+    other = OmegaConf.select(config, key) if key else None
+    return [run_dir, *([str(other)] if other else [])]
 
 
 class LockCheck(Callback):
@@ -261,8 +269,7 @@ class LockCheck(Callback):
         from omegaconf import OmegaConf
 
         run_dir = str(config.hydra.run.dir)  # the same ${now:} value the job gets (Hydra caches the resolver)
-        for folder in written_folders(run_dir, OmegaConf.select(config, "mode"),
-                                      OmegaConf.select(config, "evaluation.run")):
+        for folder in written_folders(run_dir, config):
             refusal = peek(folder, force=OmegaConf.select(config, "resume") == "force")
             if refusal is not None:
                 print(f"expertchat: error: {refusal}", file=sys.stderr)

@@ -22,7 +22,8 @@ from expertchat.runs.inputs import read_records
 from expertchat.runs.store import STAGES_DIR, parse_marker
 from expertchat.stats import copied_fraction, distinct_n, fmt
 
-STAGES = ("dialogue", "rating", "training")  # the loop's stages per round (pipeline.STAGES)
+STAGES = ("dialogue", "rating", "training")  # the stages every round of a run has (modes.run.STAGES; interaction is
+# newer: a folder without it is complete, and its report says how to measure it)
 STATUS_FILE = "status.json"
 
 
@@ -41,6 +42,7 @@ class RunData:
     markers: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
     evals: list[dict[str, Any]] = field(default_factory=list)
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
+    interaction: list[dict[str, Any]] = field(default_factory=list)  # interaction.jsonl: one record per turn
     rate_summary: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     bad_lines: dict[str, int] = field(default_factory=dict)
@@ -133,6 +135,7 @@ def load(run_dir: str | Path) -> RunData:
     data.ratings = _jsonl(root, "ratings.jsonl", data.bad_lines)
     data.train = [r for r in _jsonl(root, "train_metrics.jsonl", data.bad_lines) if not r.get("final")]
     data.eval_rows = _jsonl(root, "eval.jsonl", data.bad_lines)
+    data.interaction = _jsonl(root, "interaction.jsonl", data.bad_lines)
     for path in sorted((root / STAGES_DIR).glob("*.json")):
         marker = parse_marker(path.name)
         summary = _json(path)

@@ -35,13 +35,15 @@ class Run:
     store: RunStore
     tracker: Tracker
     topics: list[str]
-    policies: Policies
+    policies: Policies | None  # None: a mode that loads no model of the run (mode=analyze)
     reward_for: Callable[[], RewardFactory] | None  # built on first need (loads the embedder); None: no training
     eval_prompts: list[EvalPrompt] = dataclasses.field(default_factory=list)  # held out: never trained on
     eval_judge: Callable[[], LoadedModel] | None = None  # the evaluation's frozen judge (loaded on first need)
 
     @property
     def models(self) -> dict[str, Any]:
+        if self.policies is None:
+            raise RuntimeError("this mode loaded no model")
         return self.policies.models
 
     def topics_of(self, round_idx: int) -> list[str]:

@@ -123,10 +123,16 @@ def test_holder_state_in_words():
                         slurm_job="")[0] is False
 
 
-def test_written_folders_locks_the_evaluated_run_in_mode_eval():
-    assert lock.written_folders("out/a", "run", "out/b") == ["out/a"]
-    assert lock.written_folders("out/a", "eval", "out/b") == ["out/a", "out/b"]
-    assert lock.written_folders("out/a", "eval", None) == ["out/a"]
+def test_written_folders_locks_the_run_that_eval_or_analyze_writes_into():
+    from omegaconf import OmegaConf
+
+    def config(mode, **keys):
+        return OmegaConf.create({"mode": mode, "evaluation": {"run": keys.get("ev")}, "analysis": {"run": keys.get("an")}})
+
+    assert lock.written_folders("out/a", config("run", ev="out/b", an="out/c")) == ["out/a"]
+    assert lock.written_folders("out/a", config("eval", ev="out/b")) == ["out/a", "out/b"]
+    assert lock.written_folders("out/a", config("eval")) == ["out/a"]
+    assert lock.written_folders("out/a", config("analyze", an="out/c")) == ["out/a", "out/c"]
 
 
 def test_a_running_status_without_a_lock_refuses_when_it_may_be_alive(tmp_path, live_process):
