@@ -362,8 +362,9 @@ class ExpertChatConfig:
               f"is {self.evaluation.seed}; sample s draws with evaluation.seed + s, which must lie in 0..{SEED_MAX}")
 
 
+# mode -> its module (run by expertchat/modes/registry.py)
 MODES = {"run": "expertchat.modes.run", "rate": "expertchat.modes.rate", "eval": "expertchat.modes.eval",
-         "plan": "expertchat.modes.plan", "analyze": "expertchat.modes.analyze"}  # mode -> its module (run by expertchat/modes/registry.py)
+         "plan": "expertchat.modes.plan", "analyze": "expertchat.modes.analyze"}
 
 
 # Keys that may differ when a run is resumed into its folder: they change how it shows or how far it goes, not its

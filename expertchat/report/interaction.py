@@ -119,9 +119,9 @@ def figure(data: RunData, path: Path) -> Path | None:
     """Topic adherence (drift) and partner similarity (convergence) by turn, one line per round, 95% CI bars."""
     if not data.interaction:
         return None
-    from expertchat.report.plots import _figure, _save
-
     from matplotlib.ticker import MaxNLocator
+
+    from expertchat.report.plots import _figure, _save
 
     fig, axes = _figure(ncols=2, width=5.2, height=3.6)
     turns = [r["turn"] for r in data.interaction]

@@ -127,7 +127,8 @@ def test_written_folders_locks_the_run_that_eval_or_analyze_writes_into():
     from omegaconf import OmegaConf
 
     def config(mode, **keys):
-        return OmegaConf.create({"mode": mode, "evaluation": {"run": keys.get("ev")}, "analysis": {"run": keys.get("an")}})
+        return OmegaConf.create({"mode": mode, "evaluation": {"run": keys.get("ev")},
+                                 "analysis": {"run": keys.get("an")}})
 
     assert lock.written_folders("out/a", config("run", ev="out/b", an="out/c")) == ["out/a"]
     assert lock.written_folders("out/a", config("eval", ev="out/b")) == ["out/a", "out/b"]
