@@ -149,6 +149,51 @@ def copied_fraction(context: Sequence[Hashable], answer: Sequence[Hashable], n: 
     return copied / len(answer)
 
 
+# ---------------------------------------------------------------------------------------------- ratings
+
+
+def bradley_terry(n_items: int, comparisons: Sequence[tuple[int, int, Hashable]], resamples: int = 1000,
+                  seed: int = 0, alpha: float = 0.01) -> tuple[list[float], list[tuple[float, float] | None]]:
+    """Bradley-Terry log-strengths (Bradley & Terry, 1952, "Rank Analysis of Incomplete Block Designs",
+    Biometrika 39: 324-345) of ``n_items`` from pairwise outcomes, fitted by ``choix.ilsr_pairwise`` (iterative
+    Luce spectral ranking, Maystre & Grossglauser, 2015; ``alpha``: its regularization, which keeps an item that
+    wins every comparison finite), with 95% percentile bootstrap CIs that resample the GROUPS (e.g. topics) with
+    replacement, since comparisons within a group share it.
+
+    Args:
+        n_items: how many items are rated.
+        comparisons: ``[M]`` ``(winner, loser, group)``: item indices in ``[0, n_items)``.
+        resamples: bootstrap resamples (``<= 0``: no interval).
+
+    Returns:
+        ``([n_items] log-strengths, item 0 fixed at 0: P(i beats j) = 1 / (1 + exp(s_j - s_i)); [n_items]
+        (lo, hi) or None)``.
+
+    >>> s, ci = bradley_terry(2, [(1, 0, "a"), (1, 0, "b"), (0, 1, "c")], resamples=0)
+    >>> s[0], s[1] > 0, ci
+    (0.0, True, [None, None])
+    """
+    import choix
+
+    def fit(pairs: list[tuple[int, int]]) -> np.ndarray:
+        params = choix.ilsr_pairwise(n_items, pairs, alpha=alpha)
+        return params - params[0]
+
+    strengths = fit([(w, l_) for w, l_, _ in comparisons])
+    groups: dict[Hashable, list[tuple[int, int]]] = {}
+    for w, l_, g in comparisons:
+        groups.setdefault(g, []).append((w, l_))
+    keys = list(groups)
+    if resamples <= 0 or len(keys) < 2:
+        return [round(float(x), 6) for x in strengths], [None] * n_items
+    rng = np.random.default_rng(seed)
+    draws = np.array([fit([p for k in rng.choice(len(keys), len(keys)) for p in groups[keys[k]]])
+                      for _ in range(resamples)])
+    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
+    return ([round(float(x), 6) for x in strengths],
+            [(round(float(a), 6), round(float(b), 6)) for a, b in zip(lo, hi, strict=True)])
+
+
 # ---------------------------------------------------------------------------------------------- format
 
 

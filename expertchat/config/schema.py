@@ -313,6 +313,24 @@ class AnalysisConfig:
 
 
 @dataclass
+class LeagueConfig:
+    """``mode=league``: cross-play after training (``expertchat/modes/league.py``): every actor checkpoint (base,
+    round 0..R-1) holds short dialogues with every judge checkpoint on the run's held-out topics; the frozen judge
+    rates the actor's turns; Bradley-Terry ratings of the actor checkpoints with bootstrap CIs."""
+
+    run: Optional[str] = None  # the run folder (None: run_dir); league/ and league.json are written there
+    topics: int = 4  # held-out topics (the first of eval_prompts.json), one dialogue each per pairing
+    turns: int = 4  # turns per league dialogue (>= 3: the actor answers the judge at least once)
+    bootstrap: int = 1000  # resamples (over topics) of the rating CIs
+
+    def __post_init__(self) -> None:
+        check(self.topics > 0, "league.topics", "must be > 0")
+        check(self.turns >= 3, "league.turns", "must be >= 3: the actor speaks first and only its answers to the "
+              "judge checkpoint (turn 2 on) depend on it")
+        check(self.bootstrap >= 0, "league.bootstrap", "must be >= 0")
+
+
+@dataclass
 class ExpertChatConfig:
     """The whole experiment."""
 
@@ -329,6 +347,7 @@ class ExpertChatConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    league: LeagueConfig = field(default_factory=LeagueConfig)
     mode: str = "run"  # run: the loop | rate: rate a JSONL file (rate.input) | eval: evaluate a run | plan: memory
     rounds: int = 1
     seed: int = 0
@@ -364,12 +383,12 @@ class ExpertChatConfig:
 
 # mode -> its module (run by expertchat/modes/registry.py)
 MODES = {"run": "expertchat.modes.run", "rate": "expertchat.modes.rate", "eval": "expertchat.modes.eval",
-         "plan": "expertchat.modes.plan", "analyze": "expertchat.modes.analyze"}
+         "plan": "expertchat.modes.plan", "analyze": "expertchat.modes.analyze", "league": "expertchat.modes.league"}
 
 
 # Keys that may differ when a run is resumed into its folder: they change how it shows or how far it goes, not its
 # results (``rounds``: more rounds extend a finished run). Any other difference stops the rerun (resume=auto).
-RESUME_HARMLESS = ("progress", "resume", "run_dir", "rounds", "tracker", "analysis")
+RESUME_HARMLESS = ("progress", "resume", "run_dir", "rounds", "tracker", "analysis", "league")
 
 # Keys that moved, old -> new: an override or file that uses the old name stops with one line naming the new one.
 RENAMED = {

@@ -46,24 +46,27 @@ def trained_rounds(store: RunStore) -> list[int]:
     return [r for r in completed_trainings(store) if any(store.path(adapter_dir(r, role)).is_dir() for role in ROLES)]
 
 
-def run_config(cfg: ExpertChatConfig) -> ExpertChatConfig:
-    """The evaluated run's recorded config with this command's ``evaluation``, ``progress`` and ``tracker``.
+def run_config(cfg: ExpertChatConfig, key: str = "evaluation.run", own: tuple[str, ...] = ("evaluation",)
+               ) -> ExpertChatConfig:
+    """The recorded config of the run folder ``key`` names (else ``run_dir``), with this command's ``own`` sections,
+    ``progress``, ``tracker`` and ``mode`` (``mode=eval``: ``evaluation.run`` and its ``evaluation``; the league
+    passes its own).
 
     Raises:
         ExpertChatError: no folder, no recorded config in it (not a run folder, or an empty one), or a config
             this version cannot read.
     """
-    folder = Path(cfg.evaluation.run or cfg.run_dir or ".").expanduser()
-    if not folder.is_dir():
-        raise ExpertChatError(f"evaluation.run: no run folder at {folder} (set evaluation.run=<a run folder>)")
-    if not (folder / CONFIG_FILE).is_file():
-        raise ExpertChatError(f"evaluation.run: {folder} holds no run ({CONFIG_FILE} missing): give the folder of "
-                              f"a run that `python -m expertchat` wrote (evaluation.run=PATH)")
     mine = OmegaConf.structured(cfg)
+    folder = Path(OmegaConf.select(mine, key) or cfg.run_dir or ".").expanduser()
+    if not folder.is_dir():
+        raise ExpertChatError(f"{key}: no run folder at {folder} (set {key}=<a run folder>)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ExpertChatError(f"{key}: {folder} holds no run ({CONFIG_FILE} missing): give the folder of "
+                              f"a run that `python -m expertchat` wrote ({key}=PATH)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ExpertChatConfig), OmegaConf.load(folder / CONFIG_FILE),
-                                 {"evaluation": mine.evaluation, "progress": cfg.progress, "tracker": mine.tracker,
-                                  "mode": "eval", "run_dir": str(folder)})
+                                 {**{k: mine[k] for k in own}, "progress": cfg.progress, "tracker": mine.tracker,
+                                  "mode": cfg.mode, "run_dir": str(folder)})
     except OmegaConfBaseException as exc:
         raise ExpertChatError(f"{folder / CONFIG_FILE} cannot be read as a config of this version: "
                               f"{first_line(exc)}") from exc

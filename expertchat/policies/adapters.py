@@ -220,6 +220,15 @@ class Policies(abc.ABC):
         """From now on ``role``'s view runs its own adapter (or trained weights)."""
         self._trained.add(role)
 
+    def use_base(self, role: str) -> None:
+        """From now on ``role``'s view runs its base model, untrained (the cross-play league's ``base`` point).
+
+        Raises:
+            ExpertChatError: the method keeps no base apart from the trained weights (``training.method=full``).
+        """
+        raise ExpertChatError(f"training.method={self.cfg.method} trains the weights in place: its base is gone "
+                              f"once a round is loaded")
+
     # ---- saving and loading
     def save(self, store: RunStore, round_idx: int, role: str, card: str = "") -> str:
         """Save ``role``'s policy to ``adapters/round_<r>/<role>/`` with ``card`` as README.md.

@@ -48,6 +48,9 @@ class LoraPolicies(Policies, method="lora"):
         self.models = {role: self._view(role, self._policy_adapter) for role in ROLES}
 
     # ---- views
+    def use_base(self, role: str) -> None:
+        self._trained.discard(role)  # the view then runs with adapters disabled; the adapter stays loaded
+
     def _policy_adapter(self, role: str) -> str | None:
         return role if role in self._trained else None
 

@@ -98,7 +98,7 @@ def section(data: RunData, fig: Callable[..., list[str]]) -> list[str]:
     head = ["", "## Interaction", ""]
     if not data.interaction:
         return head + [f"Not measured in this folder (a run older than the interaction stage): `python -m expertchat "
-                       f"mode=analyze analysis.run={data.root}` measures it."]
+                       f"mode=analyze analysis.run={data.root}` measures it."] + league_section(data, fig)
     lines = head + [
         "What the speakers did to each other (`interaction.jsonl`; measures defined in `expertchat/interaction.py`): "
         "*echo*, the share of a turn's words inside a 3-gram of the partner's last turn; *agrees*, turns using an "
@@ -112,7 +112,49 @@ def section(data: RunData, fig: Callable[..., list[str]]) -> list[str]:
     lines += ["", "By topic, best rewarded first (the partner's reward of the topic's turns):", ""]
     lines += table(["topic", "dialogues", "reward", "adherence", "echo", "agrees"],
                     topic_rows(data.interaction, data.ratings))
-    return lines
+    return lines + league_section(data, fig)
+
+
+def league_section(data: RunData, fig: Callable[..., list[str]]) -> list[str]:
+    """The cross-play league (``league.json``, ``mode=league``): each actor checkpoint's Bradley-Terry rating with
+    its CI, its wins, and its mean reward (frozen judge) against each judge checkpoint; the heatmap."""
+    lg = data.league
+    if not lg:
+        return []
+    rows = []
+    for i, point in enumerate(lg["points"]):
+        ci = lg["ratings_ci"][i]
+        rows.append([point, fmt(lg["ratings"][i], 2) + (f" [{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci else ""),
+                     lg["wins"][i], *[fmt(v, 3) for v in lg["matrix"][i]]])
+    return ["", "### Cross-play league", "",
+            f"Every actor checkpoint talked with every judge checkpoint on {len(lg['topics'])} held-out topics; the "
+            f"frozen judge rated the actor's turns. Bradley-Terry log-strength (base = 0; 95% bootstrap CI over "
+            f"topics) from {lg['comparisons']} comparisons: two actor checkpoints, the same judge checkpoint and "
+            f"topic, the higher mean reward wins.", ""] + table(
+        ["actor", "Bradley-Terry", "wins", *[f"vs judge {p}" for p in lg["points"]]], rows) + fig("league")
+
+
+def league_figure(data: RunData, path: Path) -> Path | None:
+    """The league's matrix as a heatmap: mean reward of actor checkpoint (rows) with judge checkpoint (columns)."""
+    lg = data.league
+    if not lg or not lg.get("matrix"):
+        return None
+    import numpy as np
+
+    from expertchat.report.plots import _figure, _save
+
+    m = np.array([[np.nan if v is None else v for v in row] for row in lg["matrix"]], dtype=float)
+    fig, axes = _figure(width=1.6 + 1.1 * len(lg["points"]), height=1.2 + 0.9 * len(lg["points"]))
+    ax = axes[0][0]
+    image = ax.imshow(m, cmap="viridis")
+    ax.set_xticks(range(len(lg["points"])), [f"judge {p}" for p in lg["points"]], rotation=30, ha="right")
+    ax.set_yticks(range(len(lg["points"])), [f"actor {p}" for p in lg["points"]])
+    for (i, j), v in np.ndenumerate(m):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < np.nanmean(m) else "black")
+    ax.set_title("Cross-play: mean reward of the actor's turns (frozen judge)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return _save(fig, path)
 
 
 def figure(data: RunData, path: Path) -> Path | None:

@@ -248,9 +248,10 @@ def write_report(run_dir: str | Path, just_finished: bool = False) -> Path:
     path = data.root / REPORT_FILE
     tmp = path.with_name(f".{REPORT_FILE}.tmp{os.getpid()}")  # the run folder's temporary name (store.py)
     figures = plots.draw(data)
-    drawn = interaction.figure(data, data.root / plots.PLOTS_DIR / "interaction_turns.png")
-    if drawn is not None:
-        figures["interaction_turns"] = drawn
+    for name, draw in (("interaction_turns", interaction.figure), ("league", interaction.league_figure)):
+        drawn = draw(data, data.root / plots.PLOTS_DIR / f"{name}.png")
+        if drawn is not None:
+            figures[name] = drawn
     tmp.write_text(build(data, figures), encoding="utf-8")
     tmp.replace(path)
     return path

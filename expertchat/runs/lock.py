@@ -231,7 +231,7 @@ def running_without_lock(folder: Path, now: float | None = None) -> str | None:
             f"pass resume=force")
 
 
-OTHER_FOLDER = {"eval": "evaluation.run", "analyze": "analysis.run"}  # modes that write into a run's folder
+OTHER_FOLDER = {"eval": "evaluation.run", "analyze": "analysis.run", "league": "league.run"}  # modes that write into a run's folder
 
 
 def written_folders(run_dir: str, config: Any) -> list[str]:

@@ -43,6 +43,7 @@ class RunData:
     evals: list[dict[str, Any]] = field(default_factory=list)
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     interaction: list[dict[str, Any]] = field(default_factory=list)  # interaction.jsonl: one record per turn
+    league: dict[str, Any] | None = None  # league.json: the cross-play league (mode=league)
     rate_summary: dict[str, Any] | None = None
     status: dict[str, Any] | None = None
     bad_lines: dict[str, int] = field(default_factory=dict)
@@ -148,6 +149,7 @@ def load(run_dir: str | Path) -> RunData:
             data.markers[(int(point), stage)] = summary
     data.evals.sort(key=lambda s: -1 if s.get("round") == "base" else int(s.get("round", 0)))
     data.rate_summary = _json(root / "rate_summary.json")
+    data.league = _json(root / "league.json")
     data.status = _json(root / STATUS_FILE)
     return data
 
