@@ -231,7 +231,8 @@ def running_without_lock(folder: Path, now: float | None = None) -> str | None:
             f"pass resume=force")
 
 
-OTHER_FOLDER = {"eval": "evaluation.run", "analyze": "analysis.run", "league": "league.run"}  # modes that write into a run's folder
+# modes that write into another run's folder -> the key that names it
+OTHER_FOLDER = {"eval": "evaluation.run", "analyze": "analysis.run", "league": "league.run"}
 
 
 def written_folders(run_dir: str, config: Any) -> list[str]:
