@@ -60,3 +60,19 @@ def test_empty_turns_are_measured_without_dividing_by_zero():
     m = dialogue_measures(TOPIC, ["", ""])
     assert m[1]["echo"] is None and m[1]["novelty"] is None and m[1]["length_ratio"] is None
     assert m[1]["vocab_overlap"] is None and m[1]["words"] == 0
+
+
+def test_the_lexicon_on_the_crafted_agreement_pairs():
+    """tests/data/agreement_pairs.jsonl (experiments/agreement): exact on replies that say so with a marker; blind
+    to assent in content only, where it reads agreement as none (a floor, as the README of the experiment says)."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(__file__).parent / "data" / "agreement_pairs.jsonl").read_text()
+            .splitlines()]
+    called = [agrees(r["reply"]) and not disagrees(r["reply"]) for r in rows]
+    marked = [c == r["agrees"] for c, r in zip(called, rows) if r["marked"]]
+    unmarked = [(c, r["agrees"]) for c, r in zip(called, rows) if not r["marked"]]
+    assert len(rows) == 32 and all(marked) and len(marked) == 16
+    assert not any(c and not a for c, a in unmarked)  # never calls a disagreeing reply agreeing
+    assert sum(c == a for c, a in unmarked) == 9  # 8 disagreeing right, 1 of the 8 agreeing ("indeed")
