@@ -247,9 +247,17 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load a model and tokenizer from a config (hub id, local folder or packaged GGUF)."""
+    """Load a model and tokenizer from a config (hub id, local folder or packaged GGUF); a MoE model type of
+    ``experts.UNFUSED`` (Mixtral) loads with one ``nn.Linear`` per expert projection.
+
+    Raises:
+        ExpertChatError: a missing model; under ``load_in_4bit`` a 3-D floating parameter left unquantized
+            (``experts.check_quantized``).
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from expertchat.engine.experts import causal_lm_class, check_quantized
 
     source = local_folder(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,10 +279,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         )
     tokenizer = load_tokenizer(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        kind = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code).model_type
+        model = causal_lm_class(kind).from_pretrained(source, **kwargs)
     except OSError as exc:
         raise _missing(cfg, source, exc) from exc
-    if not cfg.device_map and not cfg.load_in_4bit:
+    if cfg.load_in_4bit:
+        check_quantized(model, cfg.name)
+    if not kwargs.get("device_map") and not cfg.load_in_4bit:
         model.to(device)
     model.eval()
     contiguous_head(model)

@@ -2,11 +2,12 @@
 
 Each model's architecture comes from the ``config.json`` of its local folder, else from the table of known
 architectures shipped in ``expertchat/engine/architectures.json`` (the published config.json's fields, with their source).
-The model is then built on PyTorch's meta device (shapes only, no storage), so its parameter count and the
-weights bitsandbytes would quantize are transformers' own, for the installed version: ``load_in_4bit`` replaces
-every module whose type is exactly ``nn.Linear`` except the output layer (``replace_with_bnb_linear``); the
-embeddings, norms, a MoE router and, since transformers 5, fused MoE experts (3-D parameters, bitsandbytes issue
-#1849) stay in 16 bit.
+The model is then built on PyTorch's meta device (shapes only, no storage) by the class that loads it, so its
+parameter count and the weights bitsandbytes would quantize are transformers' own, for the installed version:
+``load_in_4bit`` replaces every module whose type is exactly ``nn.Linear`` except the output layer
+(``replace_with_bnb_linear``), Mixtral's per-expert ``w1/w2/w3`` included (``engine/experts.py``); the embeddings,
+norms and a MoE router stay in 16 bit. Fused 3-D experts of other MoE types would stay 16-bit too (bitsandbytes
+issue #1849): loading stops on them, and the plan says so as a blocker.
 
 Per model: weights, the KV cache of one decoding chunk, the activations of its prefill, and when it is trained the
 LoRA adapter with gradients and Adam state and the activations of a DPO step. ``device_map`` spreads every model
@@ -87,20 +88,18 @@ def _train(m: ModelConfig, s: Shape, cfg: ExpertChatConfig, b: int) -> dict[str,
             "local": 2 * tokens * per_layer * b + logits, "activations": saved + 2 * tokens * per_layer * b + logits}
 
 
-def _weights(m: ModelConfig, s: Shape, b: int, experts_4bit: bool = False) -> float:  # bytes
-    four_bit = s.quantized + (s.fused_experts if experts_4bit else 0)
-    return four_bit * NF4_BYTES + (s.params - four_bit) * b if m.load_in_4bit else s.params * b
+def _weights(m: ModelConfig, s: Shape, b: int) -> float:  # bytes
+    return s.quantized * NF4_BYTES + (s.params - s.quantized) * b if m.load_in_4bit else s.params * b
 
 
-def model_plan(cfg: ExpertChatConfig, role: str, experts_4bit: bool = False) -> dict[str, Any]:
+def model_plan(cfg: ExpertChatConfig, role: str) -> dict[str, Any]:
     """One model's figures on ``cfg.hardware`` (bytes; see the module docstring): parameters, the dtype
     assumed, weights, a decoding chunk of the dialogue (``generation.*``) and of its rating of the partner
     (``judging.batch_size`` turns and the WIM critique, :func:`_decode`) and, when the model is trained, the DPO
-    step (:func:`_train`). ``experts_4bit``: count fused MoE experts as nf4 too (what bitsandbytes did before
-    transformers 5 fused them; the published 4-bit sizes)."""
+    step (:func:`_train`). Mixtral's experts are per-expert ``nn.Linear`` layers (``engine/experts.py``) and count
+    as nf4; fused 3-D experts of other MoE types stay 16-bit, and loading stops on them (``unquantized_experts``)."""
     m = getattr(cfg, role)
     s = shape(m)
-    s = replace(s, quantized=s.quantized + s.fused_experts, fused_experts=0) if experts_4bit else s
     dtype = assumed_dtype(m.dtype, cfg.hardware)
     b = DTYPE_BYTES[dtype]
     t, g = cfg.training, cfg.generation
@@ -109,7 +108,7 @@ def model_plan(cfg: ExpertChatConfig, role: str, experts_4bit: bool = False) -> 
     return {
         "role": role, "name": m.name, "source": s.source, "params": s.params, "dtype": dtype,
         "load_in_4bit": m.load_in_4bit, "nf4_params": s.quantized if m.load_in_4bit else 0,
-        "unquantized_experts": s.fused_experts if m.load_in_4bit else 0,
+        "unquantized_experts": s.fused_experts if m.load_in_4bit else 0, "fused_example": s.fused_example,
         "weights": _weights(m, s, b), "layer": _weights(m, s, b) / s.layers,
         "decode": _decode(m, s, b, g.batch_size, g.max_new_tokens, g.top_k if contrastive else 1),
         "rating": _decode(m, s, b, cfg.judging.batch_size, cfg.judging.wim_max_new_tokens),
@@ -117,7 +116,7 @@ def model_plan(cfg: ExpertChatConfig, role: str, experts_4bit: bool = False) -> 
     }
 
 
-def plan(cfg: ExpertChatConfig, experts_4bit: bool = False) -> dict[str, Any]:
+def plan(cfg: ExpertChatConfig) -> dict[str, Any]:
     """The whole plan: both models (weights once when both roles share them, as ``models.load_pair`` does),
     what is held all run (weights, adapters with gradients and optimizer state, references), the largest stage,
     and the verdict against ``hardware``: per GPU (a CUDA context, the held memory over all GPUs plus one layer
@@ -129,7 +128,7 @@ def plan(cfg: ExpertChatConfig, experts_4bit: bool = False) -> dict[str, Any]:
         "unit", "fits", "blockers"}``; bytes, per GPU when ``hardware.gpus`` > 0.
     """
     hw = cfg.hardware
-    models = [model_plan(cfg, role, experts_4bit) for role in ("actor", "judge")]
+    models = [model_plan(cfg, role) for role in ("actor", "judge")]
     if _same_weights(cfg.actor, cfg.judge):
         models[1]["weights"], models[1]["shared"] = 0.0, "actor"  # one base, an adapter per role
     held = sum(m["weights"] + (m["train"]["states"] + m["train"]["reference"] if m["train"] else 0) for m in models)
@@ -146,6 +145,9 @@ def plan(cfg: ExpertChatConfig, experts_4bit: bool = False) -> dict[str, Any]:
         need, capacity, unit = held + stage_bytes, (hw.memory_gb * GB or machine_ram()), "RAM"
     blockers = [f"{m['role']}.load_in_4bit=true needs a GPU (bitsandbytes nf4) and hardware={hw.name} has none"
                 for m in models if m["load_in_4bit"] and not hw.gpus]
+    blockers += [f"{m['role']}.load_in_4bit=true: {m['fused_example']} and {m['unquantized_experts'] / 1e9:.2f} B "
+                 f"more MoE expert parameters in fused 3-D tensors stay 16-bit (bitsandbytes issue #1849): loading "
+                 f"stops on them" for m in models if m["unquantized_experts"]]
     return {"hardware": asdict(hw), "models": models, "held": held, "stage": name, "stage_bytes": stage_bytes,
             "need": need, "capacity": capacity, "unit": unit, "fits": need <= capacity and not blockers,
             "blockers": blockers}
@@ -155,31 +157,23 @@ def machine_ram() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # this machine's memory in bytes
 
 
-def _fits(cfg: ExpertChatConfig, experts_4bit: bool = False, **changes: Any) -> dict[str, Any] | None:
+def _fits(cfg: ExpertChatConfig, **changes: Any) -> dict[str, Any] | None:
     """The plan of ``cfg`` with ``changes`` (``generation=...``, ``hardware=...``), or None where the changed
     config is invalid (e.g. a bf16 setting on a V100 profile)."""
     try:
-        return plan(replace(cfg, **changes), experts_4bit)
+        return plan(replace(cfg, **changes))
     except ExpertChatError:
         return None
 
 
 def suggestions(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
-    """What would fit, each change alone: MoE experts in nf4 (when transformers leaves them 16-bit), more GPUs
-    of the same kind, another hardware profile of ``conf/hardware/``, a smaller decoding or DPO batch, 4-bit."""
-    import transformers
+    """What would fit, each change alone: more GPUs of the same kind, another hardware profile of
+    ``conf/hardware/``, a smaller decoding or DPO batch, 4-bit."""
     import yaml
 
     from expertchat.config.schema import HardwareConfig
 
-    out, hw, unit = [], cfg.hardware, result["unit"]
-    for m in result["models"]:
-        if m["unquantized_experts"]:
-            alt = plan(cfg, experts_4bit=True)
-            out.append(f"{m['role']}'s {m['unquantized_experts'] / 1e9:.1f} B MoE expert parameters stay 16-bit under "
-                       f"load_in_4bit with transformers {transformers.__version__} (fused experts, bitsandbytes issue "
-                       f"#1849): in nf4 they would need {alt['need'] / GB:.1f} GB {unit}"
-                       + (" and fit" if alt["fits"] else ""))
+    out, hw = [], cfg.hardware
     if hw.gpus:
         more = next((n for n in range(hw.gpus + 1, 17) if (_fits(cfg, hardware=replace(hw, gpus=n)) or {}).get(
             "fits")), None)
