@@ -86,12 +86,18 @@ class UnfusedMixtralModel(MixtralModel):
 
 
 class UnfusedMixtralForCausalLM(MixtralForCausalLM):
-    """``MixtralForCausalLM`` on an :class:`UnfusedMixtralModel`; loads and saves published Mixtral checkpoints."""
+    """``MixtralForCausalLM`` on an :class:`UnfusedMixtralModel`; loads and saves published Mixtral checkpoints.
+
+    Its config reports ``model_type`` :data:`UNFUSED_MODEL_TYPE` (``config.json`` still says ``mixtral``:
+    ``to_dict`` writes the class's): peft 0.21 rewrites a LoRA config for ``model_type == "mixtral"`` to target the
+    fused ``gate_up_proj`` / ``down_proj`` parameters (``peft/utils/transformers_weight_conversion.py``), which this
+    model does not have; under this name ``target_modules=[w1, w2, w3]`` reach the per-expert layers."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.model = UnfusedMixtralModel(config)
         self.post_init()
+        self.config.model_type = UNFUSED_MODEL_TYPE
 
 
 # The class names take priority over the model_type "mixtral" in transformers' lookup (conversion_mapping.py,
@@ -100,6 +106,7 @@ register_checkpoint_conversion_mapping(UnfusedMixtralForCausalLM.__name__,
                                        [WeightRenaming(".block_sparse_moe.", ".mlp.")], overwrite=True)
 register_checkpoint_conversion_mapping(UnfusedMixtralModel.__name__, [], overwrite=True)
 
+UNFUSED_MODEL_TYPE = "mixtral_per_expert_linear"
 UNFUSED = {"mixtral": UnfusedMixtralForCausalLM}  # model_type -> the class that loads it with nn.Linear experts
 
 

@@ -4,6 +4,8 @@ projection quantized in 4 bit, published checkpoint names on save, and a one-lin
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -41,6 +43,7 @@ def test_saving_writes_the_published_per_expert_names(tiny_mixtral, tmp_path):
         names = set(published.keys())
         assert set(saved.keys()) == names
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["model_type"] == "mixtral"
 
 
 def test_in_4_bit_every_expert_projection_is_nf4_and_the_logits_finite(tiny_mixtral):
