@@ -132,7 +132,7 @@ def tiny_load_pair(tokenizer):
     with the config the run gives it."""
     from expertchat.engine.models import LoadedModel
 
-    def load_pair(actor_cfg, judge_cfg):
+    def load_pair(actor_cfg, judge_cfg, device_maps=None):
         model = make_tiny_model(tokenizer)
         return LoadedModel("tiny", model, tokenizer, actor_cfg), LoadedModel("tiny", model, tokenizer, judge_cfg)
 

@@ -75,26 +75,50 @@ def architecture(cfg: ModelConfig) -> tuple[dict[str, Any], str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _shape(config_json: str, source: str) -> Shape:
-    import torch
+def _meta(config_json: str, source: str) -> Any:
+    """The model of a config.json's fields on the meta device (:func:`build_meta`), built once per architecture."""
     from transformers import AutoConfig
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
 
     fields = json.loads(config_json)
     kind = fields.pop("model_type", None)
     for key in ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype", "transformers_version"):
         fields.pop(key, None)
     try:
-        config = AutoConfig.for_model(kind, **fields)
-        model = build_meta(config)
+        return build_meta(AutoConfig.for_model(kind, **fields))
     except (ValueError, KeyError, TypeError) as exc:
         raise ExpertChatError(f"plan: transformers cannot build model_type '{kind}' from {source} ({exc})") from None
+
+
+def meta_model(cfg: ModelConfig) -> Any:
+    """A model config's architecture (:func:`architecture`) built on the meta device: shapes, no storage."""
+    config, source = architecture(cfg)
+    return _meta(json.dumps(config, sort_keys=True), source)
+
+
+def four_bit_modules(model: Any) -> list[str]:
+    """The names of the modules ``load_in_4bit`` turns into nf4 ``Linear4bit``: every module whose type is exactly
+    ``nn.Linear`` except those transformers keeps (the output layer, ``_keep_in_fp32_modules``), as
+    ``replace_with_bnb_linear`` decides."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return [name for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and should_convert_module(name, skip)]
+
+
+@functools.lru_cache(maxsize=16)
+def _shape(config_json: str, source: str) -> Shape:
+    import torch
+
+    model = _meta(config_json, source)
+    config = model.config
+    four_bit = set(four_bit_modules(model))
     quantized, lora = 0, {}
     fused = {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()}
     for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and should_convert_module(name, skip):
+        if name in four_bit:
             quantized += module.weight.numel()
         if type(module) is torch.nn.Linear and module is not model.get_output_embeddings():
             leaf = name.rpartition(".")[2]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from expertchat.config.schema import CONF
 from expertchat.engine.architecture import Shape, assumed_dtype, shape
 from expertchat.engine.models import _same_weights
+from expertchat.engine.placement import budgets, check_gpus, describe, device_map, offloaded
 from expertchat.errors import ExpertChatError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,41 +117,100 @@ def model_plan(cfg: ExpertChatConfig, role: str) -> dict[str, Any]:
     }
 
 
-def plan(cfg: ExpertChatConfig) -> dict[str, Any]:
+def plan(cfg: ExpertChatConfig, placement: bool = False) -> dict[str, Any]:
     """The whole plan: both models (weights once when both roles share them, as ``models.load_pair`` does),
-    what is held all run (weights, adapters with gradients and optimizer state, references), the largest stage,
-    and the verdict against ``hardware``: per GPU (a CUDA context, the held memory over all GPUs plus one layer
-    for ``device_map``'s whole-layer split, the largest stage's spread part over all GPUs and its local part on
-    one) or, without GPUs, against the node's RAM (``hardware.memory_gb``, 0: this machine's).
+    what is held all run (weights, adapters with gradients and optimizer state, references), the largest stage
+    (dialogue decoding with both roles' prefix caches, rating, training; merged adapter copies during inference),
+    and the verdict against ``hardware``: per GPU (a CUDA context, the held memory over all GPUs plus one layer per
+    model for ``device_map``'s whole-layer split, the largest stage's spread part over all GPUs and its local part
+    on one) or, without GPUs, against the node's RAM (``hardware.memory_gb``, 0: this machine's).
+
+    Args:
+        placement: also place each ``device_map=auto`` model on the GPUs (:func:`placements`, accelerate's device
+            map under the plan's budgets); a map that offloads to the CPU or disk is a blocker.
 
     Returns:
         ``{"hardware", "models": [model_plan, ...], "held", "stage", "stage_bytes", "need", "capacity",
-        "unit", "fits", "blockers"}``; bytes, per GPU when ``hardware.gpus`` > 0.
+        "unit", "fits", "blockers", "merged_copies", "placement"}``; bytes, per GPU when ``hardware.gpus`` > 0.
     """
-    hw = cfg.hardware
+    hw, g = cfg.hardware, cfg.generation
     models = [model_plan(cfg, role) for role in ("actor", "judge")]
     if _same_weights(cfg.actor, cfg.judge):
         models[1]["weights"], models[1]["shared"] = 0.0, "actor"  # one base, an adapter per role
+    prefix = 2 * g.prefix_cache_gb * 2**30  # both roles' stores (GiB caps), live while either role decodes
+    for m in models:
+        m["decode"] = {**m["decode"], "prefix": prefix, "spread": m["decode"]["spread"] + prefix}
     held = sum(m["weights"] + (m["train"]["states"] + m["train"]["reference"] if m["train"] else 0) for m in models)
+    gpus = max(hw.gpus, 1)
+    layers = sum(m["layer"] for m in models if "shared" not in m) if hw.gpus else 0
+    capacity = hw.gpu_memory_gb * GB if hw.gpus else (hw.memory_gb * GB or machine_ram())
+    base = CUDA_CONTEXT_GB * GB + held / gpus + layers if hw.gpus else held
+    merged = _merged_copies(cfg, models, capacity - base)
     stages = [(f"{m['role']} {kind}", part) for m in models
               for kind, part in (("decoding", m["decode"]), ("rating", m["rating"]), ("training", m["train"]))
               if part]
-    gpus = max(hw.gpus, 1)
+    stages = [(n, {**p, "local": p["local"] + (merged if "training" not in n else 0)}) for n, p in stages]
     name, stage = max(stages, key=lambda s: s[1]["spread"] / gpus + s[1]["local"])
     stage_bytes = stage["spread"] / gpus + stage["local"]
-    if hw.gpus:
-        need = CUDA_CONTEXT_GB * GB + held / gpus + max(m["layer"] for m in models) + stage_bytes
-        capacity, unit = hw.gpu_memory_gb * GB, "per GPU"
-    else:
-        need, capacity, unit = held + stage_bytes, (hw.memory_gb * GB or machine_ram()), "RAM"
+    need = base + stage_bytes
     blockers = [f"{m['role']}.load_in_4bit=true needs a GPU (bitsandbytes nf4) and hardware={hw.name} has none"
                 for m in models if m["load_in_4bit"] and not hw.gpus]
-    blockers += [f"{m['role']}.load_in_4bit=true: {m['fused_example']} and {m['unquantized_experts'] / 1e9:.2f} B "
-                 f"more MoE expert parameters in fused 3-D tensors stay 16-bit (bitsandbytes issue #1849): loading "
+    blockers += [f"{m['role']}.load_in_4bit=true: {m['unquantized_experts'] / 1e9:.2f} B MoE expert parameters in "
+                 f"fused 3-D tensors (e.g. {m['fused_example']}) stay 16-bit (bitsandbytes issue #1849): loading "
                  f"stops on them" for m in models if m["unquantized_experts"]]
+    placed = placements(cfg, models) if placement and hw.gpus else {}
+    blockers += [f"{role}'s device map puts {len(p['offloaded'])} modules on the CPU or disk ({p['where']})"
+                 for role, p in placed.items() if p["offloaded"]]
     return {"hardware": asdict(hw), "models": models, "held": held, "stage": name, "stage_bytes": stage_bytes,
-            "need": need, "capacity": capacity, "unit": unit, "fits": need <= capacity and not blockers,
-            "blockers": blockers}
+            "need": need, "capacity": capacity, "unit": "per GPU" if hw.gpus else "RAM",
+            "fits": need <= capacity and not blockers, "blockers": blockers, "layers": layers, "prefix": prefix,
+            "merged_copies": merged, "placement": placed}
+
+
+def _merged_copies(cfg: ExpertChatConfig, models: list[dict[str, Any]], room: float) -> float:
+    """Bytes of the merged adapter copies inference holds (``policies/merging.py``: at most three at a time, each
+    a full copy of a base on one device): none with ``training.lora.merged_copies=never``, full fine-tuning, a
+    4-bit base, or a base spread over several GPUs (``device_map``); with ``auto`` only when a copy takes at most
+    half of the ``room`` left (as ``merging.why_not`` decides at run time)."""
+    t, hw = cfg.training, cfg.hardware
+    if t.method != "lora" or t.lora.merged_copies == "never":
+        return 0.0
+    bases = [m["weights"] for m in models if "shared" not in m and not m["load_in_4bit"]
+             and not (hw.gpus > 1 and getattr(cfg, m["role"]).device_map)]
+    copy = max(bases, default=0.0)
+    return 3 * copy if t.lora.merged_copies == "always" or copy <= room / 2 else 0.0
+
+
+def placements(cfg: ExpertChatConfig, models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each ``device_map=auto`` model's placement on ``hardware``'s GPUs (a shared base once): ``max_memory`` (its
+    weights over the GPUs plus one layer each, ``placement.budgets``), accelerate's ``device_map`` under it, the
+    modules it ``offloaded``, and the map in words (``where``). ``models.load_pair`` loads with these maps."""
+    out = {}
+    for m in models:
+        model = getattr(cfg, m["role"])
+        if "shared" in m or model.device_map != "auto":
+            continue
+        budget = budgets(m["weights"], m["layer"], cfg.hardware.gpus)
+        dmap = device_map(model, m["dtype"], budget)
+        out[m["role"]] = {"max_memory": budget, "device_map": dmap, "offloaded": offloaded(dmap),
+                          "where": describe(dmap)}
+    return out
+
+
+def device_maps(cfg: ExpertChatConfig) -> dict[str, dict[str, int | str]]:
+    """The device maps a run loads with (role -> map; empty without GPUs in ``hardware``): the plan's, after
+    checking that this machine has the GPUs it planned for (``placement.check_gpus``).
+
+    Raises:
+        ExpertChatError: the plan does not fit (its verdict, as ``mode=plan`` says it), or the GPUs are missing.
+    """
+    if not cfg.hardware.gpus or not any(getattr(cfg, r).device_map == "auto" for r in ("actor", "judge")):
+        return {}
+    result = plan(cfg, placement=True)
+    if not result["fits"]:
+        raise ExpertChatError(verdict(cfg, result) + f"; see `python -m expertchat ... mode=plan`")
+    check_gpus(cfg.hardware)
+    return {role: p["device_map"] for role, p in result["placement"].items()}
 
 
 def machine_ram() -> float:
@@ -223,11 +283,13 @@ def table_lines(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
                      f"{_gb(m['decode']['activations']):>8}{_gb(rating):>8}{_gb(train.get('states')):>10}"
                      f"{_gb(train.get('activations')):>9}{_gb(train.get('reference')):>10}")
     lines += _notes(cfg, result)
+    lines += [f"  {role} placement: max_memory {p['max_memory'][0] / GB:.2f} GB on each GPU, none on the CPU -> "
+              f"{p['where']}" for role, p in result.get("placement", {}).items()]
     gpus = max(hw.gpus, 1)
     if hw.gpus:
         lines.append(f"  per GPU: {CUDA_CONTEXT_GB:.2f} CUDA context + {result['held'] / gpus / GB:.2f} held "
-                     f"({_gb(result['held'])} over {gpus} GPUs) + {max(m['layer'] for m in result['models']) / GB:.2f}"
-                     f" one layer (device_map splits whole layers) + {result['stage_bytes'] / GB:.2f} {result['stage']}"
+                     f"({_gb(result['held'])} over {gpus} GPUs) + {result['layers'] / GB:.2f} one layer per model "
+                     f"(device_map moves whole layers) + {result['stage_bytes'] / GB:.2f} {result['stage']}"
                      f" = {result['need'] / GB:.2f} GB of {hw.gpu_memory_gb:g}")
     else:
         lines.append(f"  RAM: {_gb(result['held'])} held + {result['stage_bytes'] / GB:.2f} {result['stage']} = "
@@ -254,6 +316,11 @@ def _notes(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
     out.append(f"  decoding: generation.batch_size {g.batch_size}" + (f" x top_k {k} candidates" if k > 1 else "")
                + f" x (<role>.max_length + {g.max_new_tokens} new tokens); rating: judging.batch_size "
                f"{cfg.judging.batch_size} turns")
+    out.append(f"  prefix caches: 2 roles x generation.prefix_cache_gb {g.prefix_cache_gb:g} GiB = "
+               f"{result['prefix'] / GB:.2f} GB with the layers while dialogues decode; merged adapter copies "
+               f"(training.lora.merged_copies={t.lora.merged_copies}): {result['merged_copies'] / GB:.2f} GB on one "
+               f"device during inference" + ("" if result["merged_copies"] or t.method != "lora" else
+                                              " (4-bit or spread bases, or no room: adapters run unmerged)"))
     out.append(f"  DPO step: 2 x training.batch_size {t.batch_size} sequences of {t.max_prompt_tokens} + "
                f"{t.max_new_tokens} tokens, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
     trained = [m for m in result["models"] if m["train"]]
@@ -272,8 +339,9 @@ def _notes(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
 
 
 def check(cfg: ExpertChatConfig) -> dict[str, Any]:
-    """The plan, before the tracker opens; raises ExpertChatError for an architecture it cannot find."""
-    return plan(cfg)
+    """The plan with each model's placement, before the tracker opens; raises ExpertChatError for an architecture
+    it cannot find."""
+    return plan(cfg, placement=True)
 
 
 def run(cfg: ExpertChatConfig, tracker: Tracker | None = None, checked: dict[str, Any] | None = None) -> dict:
@@ -295,8 +363,12 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None, checked: dict[str
     if tracker is not None:
         tracker.log_summary({"plan/need_gb": result["need"] / GB, "plan/fits": result["fits"]})
     if not result["fits"]:
-        raise ExpertChatError(f"plan: does not fit hardware={cfg.hardware.name}: needs {result['need'] / GB:.1f} GB "
-                              f"{result['unit']} of {result['capacity'] / GB:.1f}"
-                              + "".join(f"; {b}" for b in result["blockers"])
-                              + "; would fit: " + "; ".join(result["would_fit"] or ["nothing tried here"]))
+        raise ExpertChatError(verdict(cfg, result) + "; would fit: "
+                              + "; ".join(result["would_fit"] or ["nothing tried here"]))
     return result
+
+
+def verdict(cfg: ExpertChatConfig, result: dict[str, Any]) -> str:
+    """The one-line verdict of a plan that does not fit: what it needs against what ``hardware`` has, and why."""
+    return (f"plan: does not fit hardware={cfg.hardware.name}: needs {result['need'] / GB:.1f} GB {result['unit']} "
+            f"of {result['capacity'] / GB:.1f}" + "".join(f"; {b}" for b in result["blockers"]))

@@ -68,7 +68,8 @@ def test_fused_experts_under_4_bit_are_a_blocker(tmp_path):
     result = plan.plan(compose_cfg(f"actor.path={tmp_path}", "actor.package=null", "actor.gguf_file=null",
                                    "actor.load_in_4bit=true", "hardware=a100_40gb"))
     assert not result["fits"]
-    assert any("actor.load_in_4bit=true: model.layers.0.mlp.experts." in b and "loading stops" in b
+    assert any(b.startswith("actor.load_in_4bit=true: ") and "(e.g. model.layers.0.mlp.experts." in b
+               and "loading stops" in b
                for b in result["blockers"])
 
 
@@ -159,3 +160,39 @@ def test_the_cli_plans_the_flagship_without_loading_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "verdict: fits on hardware=a100_40gb" in proc.stderr + proc.stdout
     assert json.loads((tmp_path / "a100" / "plan.json").read_text())["fits"] is True
+
+
+def test_the_plan_places_each_model_and_loading_takes_its_maps(monkeypatch):
+    """mode=plan's placement (accelerate's device map under the plan's budgets) is what a run loads with; without
+    the planned GPUs a run stops in one line before loading."""
+    cfg = _cfg()
+    result = plan.check(cfg)
+    assert set(result["placement"]) == {"actor", "judge"} and result["fits"]
+    for role, placed in result["placement"].items():
+        assert not placed["offloaded"] and set(placed["device_map"].values()) == {0, 1, 2, 3}
+        assert set(placed["max_memory"]) == {0, 1, 2, 3, "cpu"} and placed["max_memory"]["cpu"] == 0
+    lines = plan.table_lines(cfg, result)
+    assert any(line.startswith("  actor placement: max_memory ") and "GPU 3: layers" in line for line in lines)
+    monkeypatch.setattr(plan, "check_gpus", lambda hw: None)  # as on a node with the planned GPUs
+    assert plan.device_maps(cfg) == {r: p["device_map"] for r, p in result["placement"].items()}
+    monkeypatch.undo()
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ExpertChatError, match="hardware=beluga plans 4 GPU"):
+            plan.device_maps(cfg)
+
+
+def test_a_run_whose_plan_does_not_fit_stops_with_the_verdict():
+    cfg = _cfg("generation.batch_size=64")
+    with pytest.raises(ExpertChatError, match=r"^plan: does not fit hardware=beluga: needs .* GB per GPU of 16\.9"):
+        plan.device_maps(cfg)
+
+
+def test_prefix_caches_and_merged_copies_are_counted():
+    cpu = plan.plan(compose_cfg("generation.prefix_cache_gb=1"))
+    assert cpu["prefix"] == 2 * 2**30 and cpu["models"][0]["decode"]["prefix"] == 2 * 2**30
+    assert cpu["merged_copies"] == 3 * cpu["models"][0]["weights"]  # SmolLM2 on a CPU: room for three copies
+    never = plan.plan(compose_cfg("generation.prefix_cache_gb=1", "training.lora.merged_copies=never"))
+    assert never["merged_copies"] == 0 and never["need"] < cpu["need"]
+    assert plan.plan(_cfg())["merged_copies"] == 0  # 4-bit and spread bases run unmerged
