@@ -208,7 +208,7 @@ def device_maps(cfg: ExpertChatConfig) -> dict[str, dict[str, int | str]]:
         return {}
     result = plan(cfg, placement=True)
     if not result["fits"]:
-        raise ExpertChatError(verdict(cfg, result) + f"; see `python -m expertchat ... mode=plan`")
+        raise ExpertChatError(verdict(cfg, result) + "; see `python -m expertchat ... mode=plan`")
     check_gpus(cfg.hardware)
     return {role: p["device_map"] for role, p in result["placement"].items()}
 
