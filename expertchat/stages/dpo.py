@@ -12,6 +12,7 @@ Keep the unstable ``trl.experimental.online_dpo`` import in this module only. Im
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
@@ -299,6 +300,17 @@ def optimizer(cfg: TrainingConfig, model: torch.nn.Module, cuda: bool) -> str:
     return name
 
 
+def _checkpointing(cfg: TrainingConfig) -> dict[str, Any]:
+    """Gradient checkpointing without re-entrancy, under both of transformers' names (``activation_*`` since 5.23;
+    TRL's default is True, so both are set: no warning), or the older names alone on an older transformers (the
+    GPU check's preinstalled 5.17)."""
+    kwargs = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    if "activation_checkpointing" not in {f.name for f in dataclasses.fields(OnlineDPOConfig)}:
+        return {"gradient_checkpointing": cfg.gradient_checkpointing, "gradient_checkpointing_kwargs": kwargs}
+    on = cfg.gradient_checkpointing
+    return {"activation_checkpointing": on, "gradient_checkpointing": on, "activation_checkpointing_kwargs": kwargs}
+
+
 def online_dpo_args(cfg: TrainingConfig, output_dir: str, budget: int, seed: int, model: torch.nn.Module,
                     amp: torch.dtype | None = None) -> OnlineDPOConfig:
     """TRL's arguments for one role's training: ``training.*``, prompts of at most ``budget`` tokens, no
@@ -317,10 +329,7 @@ def online_dpo_args(cfg: TrainingConfig, output_dir: str, budget: int, seed: int
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=0, weight_decay=0.0, beta=cfg.beta,
         loss_type=cfg.loss_type, max_new_tokens=cfg.max_new_tokens, max_length=budget + cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, activation_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is True: both names, no warning
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        optim=optimizer(cfg, model, cuda),
+        temperature=cfg.temperature, top_p=cfg.top_p, **_checkpointing(cfg), optim=optimizer(cfg, model, cuda),
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not cuda, seed=seed,
         disable_tqdm=True, dataloader_num_workers=0,  # StepProgress shows the steps
