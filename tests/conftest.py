@@ -54,10 +54,13 @@ def smollm2_config():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """SmolLM2-135M-Instruct's real tokenizer (converted once from the embedded GGUF)."""
+    """SmolLM2-135M-Instruct's real tokenizer (converted once from the embedded GGUF), or the copy of its files in
+    ``$EXPERTCHAT_TEST_TOKENIZER`` where the embedded models are not installed (``launchers/gpu_check.sh``)."""
+    from expertchat.config.schema import ModelConfig
     from expertchat.engine.models import load_tokenizer
 
-    return load_tokenizer(smollm2_config())
+    folder = os.environ.get("EXPERTCHAT_TEST_TOKENIZER")
+    return load_tokenizer(ModelConfig(name="smollm2_tokenizer", path=folder) if folder else smollm2_config())
 
 
 def make_tiny_model(tokenizer, seed: int = 0, hidden: int = 16, layers: int = 2, dtype=None):
