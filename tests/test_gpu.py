@@ -165,3 +165,23 @@ def test_the_plan_against_max_memory_allocated(smol_tokenizer, tmp_path):
             planned_decode_mb=chunk / 1e6, measured_decode_peak_mb=peak / 1e6, ratio=peak / chunk)
     assert abs(weights - planned["weights"]) <= 0.03 * planned["weights"]
     assert chunk / 3 <= peak <= 1.10 * chunk + 64e6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed")
+def test_flash_attention_2_matches_sdpa_where_the_gpu_has_it(smol_tokenizer, tmp_path):
+    """``attn_implementation=flash_attention_2`` (compute capability >= 8.0, bf16): the same logits as SDPA to bf16
+    rounding, and the project's decoding loop (left padding, its own KV cache) runs on it for a batch of two."""
+    from expertchat.engine.generation import generate
+
+    if not native_bf16():
+        pytest.skip("FlashAttention 2 needs compute capability >= 8.0")
+    make_tiny_model(smol_tokenizer).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    models = {a: load_model(ModelConfig(name=a, path=str(tmp_path), dtype="bfloat16", device="cuda",
+                                        attn_implementation=a)) for a in ("sdpa", "flash_attention_2")}
+    sdpa, flash = (_logits(models[a].model) for a in ("sdpa", "flash_attention_2"))
+    assert (sdpa - flash).abs().max().item() < 0.05
+    greedy = GenerationConfig(max_new_tokens=8, top_k=1, batch_size=2)
+    prompts = ["Hello there, how are you?", "A much longer prompt that needs left padding in the batch: yes."]
+    out = generate(models["flash_attention_2"].model, smol_tokenizer, prompts, greedy, seed=0)
+    assert len(out) == 2 and all(0 < g.new_tokens <= 8 for g in out)
