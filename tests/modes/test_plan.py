@@ -168,7 +168,7 @@ def test_the_plan_places_each_model_and_loading_takes_its_maps(monkeypatch):
     cfg = _cfg()
     result = plan.check(cfg)
     assert set(result["placement"]) == {"actor", "judge"} and result["fits"]
-    for role, placed in result["placement"].items():
+    for placed in result["placement"].values():
         assert not placed["offloaded"] and set(placed["device_map"].values()) == {0, 1, 2, 3}
         assert set(placed["max_memory"]) == {0, 1, 2, 3, "cpu"} and placed["max_memory"]["cpu"] == 0
     lines = plan.table_lines(cfg, result)
