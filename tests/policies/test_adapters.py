@@ -240,18 +240,22 @@ def test_a_deleted_adapter_is_never_replaced_by_the_base(smol_tokenizer, tmp_pat
 # ------------------------------------------------------------------------------------ a Mixtral's experts
 
 
-def test_one_dpo_step_adapts_mixtrals_attention_and_experts_and_round_trips(smol_tokenizer, tmp_path):
-    """LoRA on q/k/v/o and the per-expert w1/w2/w3 of a tiny Mixtral (engine/experts.py): one online DPO step
-    changes every adapted kind of layer; the saved adapter reloads onto a fresh load with the same logits."""
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_one_dpo_step_adapts_mixtrals_attention_and_experts_and_round_trips(smol_tokenizer, tmp_path, four_bit):
+    """LoRA on q/k/v/o and the per-expert w1/w2/w3 of a tiny Mixtral (engine/experts.py), in fp32 and on an nf4
+    base (QLoRA; bitsandbytes' CPU backend): one online DPO step changes every adapted kind of layer; the saved
+    adapter reloads onto a fresh load with the same logits."""
     from peft import PeftModel
 
     from expertchat.config.schema import TrainingConfig
     from expertchat.engine.models import load_model
-    from tests.conftest import save_tiny_mixtral
+    from tests.conftest import bnb_cpu, save_tiny_mixtral
 
+    if four_bit:
+        bnb_cpu()
     save_tiny_mixtral(smol_tokenizer, tmp_path / "mixtral")
-    model_cfg = ModelConfig(name="mixtral", path=str(tmp_path / "mixtral"), dtype="float32", device="cpu",
-                            max_length=512)
+    model_cfg = ModelConfig(name="mixtral", path=str(tmp_path / "mixtral"), dtype="float32", max_length=512,
+                            load_in_4bit=four_bit, bnb_4bit_compute_dtype="float32", device=None if four_bit else "cpu")
     lm = load_model(model_cfg)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
     training = TrainingConfig(steps=1, max_new_tokens=6, learning_rate=1e-2, bidirectional=False,
