@@ -1,8 +1,8 @@
 """``mode=plan``: does this configuration fit the GPUs (or the RAM) of ``hardware``? No weights are loaded.
 
 Each model's architecture comes from the ``config.json`` of its local folder, else from the table of known
-architectures shipped in ``expertchat/engine/architectures.json`` (the published config.json's fields, with their source).
-The model is then built on PyTorch's meta device (shapes only, no storage) by the class that loads it, so its
+architectures shipped in ``expertchat/engine/architectures.json`` (the published config.json's fields, with their
+source). The model is then built on PyTorch's meta device (shapes only, no storage) by the class that loads it, so its
 parameter count and the weights bitsandbytes would quantize are transformers' own, for the installed version:
 ``load_in_4bit`` replaces every module whose type is exactly ``nn.Linear`` except the output layer
 (``replace_with_bnb_linear``), Mixtral's per-expert ``w1/w2/w3`` included (``engine/experts.py``); the embeddings,
@@ -44,6 +44,9 @@ CUDA_CONTEXT_GB = 0.8
 # A trainable LoRA parameter: the fp32 weight (peft keeps adapters in fp32 on a 16-bit or 4-bit base), its fp32
 # gradient and Adam's two fp32 moments.
 LORA_TRAINED_BYTES = 16
+# Adam's two moments of one parameter: fp32, or 8-bit with paged 8-bit AdamW (bitsandbytes' blockwise 8-bit state;
+# its per-block constants are ignored here).
+ADAM_BYTES = {"adamw_torch": 8, "paged_adamw_8bit": 2}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -75,18 +78,28 @@ def _train(m: ModelConfig, s: Shape, cfg: ExpertChatConfig, b: int) -> dict[str,
     length = t.max_prompt_tokens + t.max_new_tokens
     tokens = 2 * t.batch_size * length
     per_layer = 6 * s.hidden + s.kv_per_token // s.layers + 4 * s.intermediate * s.experts_per_token
+    adam = ADAM_BYTES[optimizer_on(cfg, m)]
     if t.method == "full":
-        adapter, states, reference = 0, s.params * (b + 8), _weights(m, s, b)  # grads, fp32 Adam; TRL's copy
+        adapter, states, reference = 0, s.params * (b + adam), _weights(m, s, b)  # grads, Adam; TRL's copy
     else:
         targets = set(t.lora.target_modules)
         adapter = sum(t.lora.r * size for leaf, _, size in s.lora if "all-linear" in targets or leaf in targets)
-        states = adapter * LORA_TRAINED_BYTES
+        states = adapter * (LORA_TRAINED_BYTES - 8 + adam)
         reference = adapter * 4 if t.reference == "previous" else 0  # the frozen round-start adapter, fp32
     saved = s.layers * tokens * (s.hidden if t.gradient_checkpointing else per_layer) * b
     kv = 0 if t.gradient_checkpointing else s.kv_per_token * b * tokens
     logits = tokens * s.vocab * b + 2 * t.batch_size * t.max_new_tokens * s.vocab * 4 * 2
     return {"adapter_params": adapter, "states": states, "reference": reference, "spread": saved + kv,
             "local": 2 * tokens * per_layer * b + logits, "activations": saved + 2 * tokens * per_layer * b + logits}
+
+
+def optimizer_on(cfg: ExpertChatConfig, m: ModelConfig) -> str:
+    """The optimizer ``training.optimizer`` means for model ``m`` on ``hardware`` (as ``stages.dpo.optimizer``
+    decides at run time: ``auto`` is paged 8-bit AdamW on GPUs for a 4-bit or fully fine-tuned base)."""
+    t = cfg.training
+    if t.optimizer != "auto":
+        return t.optimizer
+    return "paged_adamw_8bit" if cfg.hardware.gpus and (m.load_in_4bit or t.method == "full") else "adamw_torch"
 
 
 def _weights(m: ModelConfig, s: Shape, b: int) -> float:  # bytes
@@ -329,8 +342,9 @@ def _notes(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
                if t.reference == "previous" else "the base with adapters disabled (training.reference=base): "
                "nothing extra")
         out.append(f"  training: LoRA r={t.lora.r} on {','.join(t.lora.target_modules)}: "
-                   + ", ".join(f"{m['role']} {m['train']['adapter_params'] / 1e6:.1f} M parameters" for m in trained)
-                   + " (fp32 weight, gradient, 2 Adam moments)")
+                   + ", ".join(f"{m['role']} {m['train']['adapter_params'] / 1e6:.1f} M parameters "
+                               f"({optimizer_on(cfg, getattr(cfg, m['role']))})" for m in trained)
+                   + " (fp32 weight and gradient, Adam's 2 moments in fp32 or 8 bit)")
         out.append(f"  reference: no model copy (peft): {ref}")
     elif trained:
         out.append("  training: full fine-tuning: gradients and Adam moments of every weight, and TRL's reference is a "

@@ -131,6 +131,10 @@ def test_lora_parameters_and_the_reference():
     r = cfg.training.lora.r  # q, k, v, o of 32 layers: r * (in + out) each
     assert llama["train"]["adapter_params"] == 32 * r * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
     assert llama["train"]["states"] == 16 * llama["train"]["adapter_params"]
+    mixtral = plan.plan(cfg)["models"][0]  # nf4 on GPUs: paged 8-bit AdamW (training.optimizer=auto)
+    assert mixtral["train"]["states"] == 10 * mixtral["train"]["adapter_params"]
+    fp32_adam = plan.plan(replace(cfg, training=replace(cfg.training, optimizer="adamw_torch")))["models"][0]
+    assert fp32_adam["train"]["states"] == 16 * fp32_adam["train"]["adapter_params"]
     base = plan.plan(replace(cfg, training=replace(cfg.training, reference="base")))["models"][1]
     assert base["train"]["reference"] == 0  # the adapter-disabled base: nothing extra
     frozen = plan.plan(replace(cfg, training=replace(cfg.training, steps=0)))["models"][1]
