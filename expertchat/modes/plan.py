@@ -29,7 +29,7 @@ from expertchat.engine.placement import budgets, check_gpus, describe, device_ma
 from expertchat.errors import ExpertChatError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from expertchat.config.schema import ExpertChatConfig, ModelConfig
+    from expertchat.config.schema import ExpertChatConfig, HardwareConfig, ModelConfig
     from expertchat.report.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -312,6 +312,16 @@ def table_lines(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _attention(model: ModelConfig, hw: HardwareConfig) -> str:
+    """The attention kernel a model runs with on ``hw``, in words: its ``attn_implementation``, else SDPA
+    (transformers' choice), with FlashAttention 2 named where the GPUs have it (compute capability >= 8.0)."""
+    if model.attn_implementation:
+        return model.attn_implementation
+    if hw.gpus and hw.compute_capability >= 8.0:
+        return "sdpa (flash_attention_2 possible here: <role>.attn_implementation=flash_attention_2 with flash-attn)"
+    return "sdpa" + (" (no FlashAttention 2 below compute capability 8.0)" if hw.gpus else "")
+
+
 def _notes(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
     """The assumptions behind the rows: dtypes, what stays 16-bit, the reference, the batches and lengths."""
     hw, g, t, out = cfg.hardware, cfg.generation, cfg.training, []
@@ -324,7 +334,7 @@ def _notes(cfg: ExpertChatConfig, result: dict[str, Any]) -> list[str]:
             text += (f"; nf4: {m['nf4_params'] / 1e9:.2f} B parameters (the nn.Linear layers); 16-bit: embeddings, "
                      f"lm_head, norms, router" + (f", {m['unquantized_experts'] / 1e9:.2f} B in fused MoE experts"
                                                    if m["unquantized_experts"] else ""))
-        out += [text, f"    architecture from {m['source']}"]
+        out += [text + f"; attention {_attention(model, hw)}", f"    architecture from {m['source']}"]
     k = g.top_k if g.strategy == "contrastive" and g.top_k > 1 and g.penalty_alpha > 0 else 1
     out.append(f"  decoding: generation.batch_size {g.batch_size}" + (f" x top_k {k} candidates" if k > 1 else "")
                + f" x (<role>.max_length + {g.max_new_tokens} new tokens); rating: judging.batch_size "

@@ -87,6 +87,10 @@ def test_the_flagship_fits_an_a100_node_and_says_which_dtype(tmp_path):
     assert result["fits"] and {m["dtype"] for m in result["models"]} == {"bfloat16"}
     lines = plan.table_lines(cfg, result)
     assert lines[-1].endswith("fits on hardware=a100_40gb") and any("bfloat16 (dtype auto" in line for line in lines)
+    assert any(line.startswith("  actor: bfloat16") and "nf4: " in line and "flash_attention_2 possible" in line
+               for line in lines)  # dtype, quantization and attention named per model
+    v100 = plan.table_lines(_cfg(), plan.plan(_cfg()))
+    assert any(line.startswith("  judge: float16") and "no FlashAttention 2" in line for line in v100)
 
 
 def test_a_plan_that_does_not_fit_stops_with_what_would(tmp_path):
