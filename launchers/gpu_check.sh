@@ -94,6 +94,14 @@ if ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     status=1
 fi
 
+# The wheel carries bitsandbytes' CUDA 13.0 and 13.2 libraries: another CUDA 13 minor of torch uses 13.0's.
+cuda=$("$py" -c "import torch; print((torch.version.cuda or '').replace('.', ''))" 2>/dev/null)
+bnb_dir=$("$py" -c "import bitsandbytes, os; print(os.path.dirname(bitsandbytes.__file__))" 2>/dev/null)
+if [[ -n "$cuda" && -n "$bnb_dir" && ! -e "$bnb_dir/libbitsandbytes_cuda$cuda.so" && "$cuda" == 13* ]]; then
+    export BNB_CUDA_VERSION=130
+    say "torch CUDA $cuda: bitsandbytes uses its CUDA 13.0 library (BNB_CUDA_VERSION=130)"
+fi
+
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled
 export TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false EXPERTCHAT_CACHE="$venv/cache"
 export EXPERTCHAT_TEST_TOKENIZER="$wheels/tokenizer" EXPERTCHAT_GPU_FIGURES="$logs/gpu_figures.jsonl"
