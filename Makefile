@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE = 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: run test test-e2e test-slow test-slurm test-all bench clean
+.PHONY: run test test-e2e test-slow test-slurm test-gpu test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ test-slow: $(VENV)/.installed-dev      # learning: the embedded SmolLM2 learning
 
 test-slurm: $(VENV)/.installed-dev    # sweeps on a real Slurm: needs launchers/local_slurm.sh start (root) first
 	$(PY) -m pytest -m "slurm" $(PYTEST_ARGS)
+
+test-gpu: $(VENV)/.installed-dev      # CUDA only: tests/test_gpu.py (launchers/gpu_check.sh on a bare GPU machine)
+	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

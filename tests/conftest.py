@@ -54,10 +54,13 @@ def smollm2_config():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """SmolLM2-135M-Instruct's real tokenizer (converted once from the embedded GGUF)."""
+    """SmolLM2-135M-Instruct's real tokenizer (converted once from the embedded GGUF), or the copy of its files in
+    ``$EXPERTCHAT_TEST_TOKENIZER`` where the embedded models are not installed (``launchers/gpu_check.sh``)."""
+    from expertchat.config.schema import ModelConfig
     from expertchat.engine.models import load_tokenizer
 
-    return load_tokenizer(smollm2_config())
+    folder = os.environ.get("EXPERTCHAT_TEST_TOKENIZER")
+    return load_tokenizer(ModelConfig(name="smollm2_tokenizer", path=folder) if folder else smollm2_config())
 
 
 def make_tiny_model(tokenizer, seed: int = 0, hidden: int = 16, layers: int = 2, dtype=None):
@@ -85,6 +88,30 @@ def make_tiny_model(tokenizer, seed: int = 0, hidden: int = 16, layers: int = 2,
     return model
 
 
+def save_tiny_mixtral(tokenizer, folder, seed: int = 0, hidden: int = 16, experts: int = 4):
+    """A random Mixtral (2 layers, ``experts`` experts, top-2) with SmolLM2's vocabulary and tokenizer, saved by
+    transformers' own ``MixtralForCausalLM`` (the published per-expert checkpoint names) into ``folder``; returns the
+    fused transformers model it saved, in fp32 eval mode."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=1024,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    model = MixtralForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def bnb_cpu():
+    """bitsandbytes, imported for its CPU backend (4-bit on a CPU), or the test skipped where it is missing."""
+    return pytest.importorskip("bitsandbytes")
+
+
 def tiny_pair(tokenizer, *, shared: bool = True, max_length: int = 512, names: tuple[str, str] = ("tiny", "tiny"),
               seeds: tuple[int, int] = (0, 1)) -> dict:
     """The two roles on tiny random models: one model in both (``shared``, as the default run shares SmolLM2) or
@@ -108,7 +135,7 @@ def tiny_load_pair(tokenizer):
     with the config the run gives it."""
     from expertchat.engine.models import LoadedModel
 
-    def load_pair(actor_cfg, judge_cfg):
+    def load_pair(actor_cfg, judge_cfg, device_maps=None):
         model = make_tiny_model(tokenizer)
         return LoadedModel("tiny", model, tokenizer, actor_cfg), LoadedModel("tiny", model, tokenizer, judge_cfg)
 
@@ -167,5 +194,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):  # not `"gpu" in item.keywords`: that also matches a folder named gpu
             item.add_marker(skip)

@@ -86,3 +86,16 @@ def _fake_slurm(tmp_path: Path) -> Path:
         (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
         (bin_dir / name).chmod(0o755)
     return bin_dir
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])
+def test_the_gpu_check_scripts_parse_and_pass_shellcheck(script):
+    """launchers/gpu_check.sh runs where no one watches (a lent GPU machine, no network): it must at least parse,
+    and pass shellcheck where shellcheck is installed."""
+    import shutil
+
+    proc = subprocess.run(["bash", "-n", str(LAUNCHERS / script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", str(LAUNCHERS / script)], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout

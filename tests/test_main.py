@@ -15,6 +15,33 @@ from tests.conftest import ROOT, run_cli
 pytestmark = pytest.mark.e2e  # every test here runs the CLI in a subprocess
 
 
+def test_smoke_loop_with_a_tiny_mixtral_actor_and_a_tiny_llama_judge(smol_tokenizer, tmp_path):
+    """Two architectures, two chat templates (Mixtral's has no system role; Llama-3's ends turns with <|eot_id|>):
+    the whole smoke loop, LoRA on attention and Mixtral's per-expert w1/w2/w3."""
+    from tests.conftest import DATA, make_tiny_model, save_tiny_mixtral
+
+    templates = {name: json.loads((DATA / "chat_templates" / f"{name}.json").read_text())["chat_template"]
+                 for name in ("mixtral_8x7b_instruct", "llama3_8b_instruct")}
+    save_tiny_mixtral(smol_tokenizer, tmp_path / "mixtral")
+    make_tiny_model(smol_tokenizer, seed=1).save_pretrained(tmp_path / "llama")
+    smol_tokenizer.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "run"
+    proc = run_cli("+experiment=smoke", f"hydra.run.dir={out}",
+                   f"actor.path={tmp_path / 'mixtral'}", "actor.package=null", "actor.gguf_file=null",
+                   "actor.name=tiny_mixtral", "actor.dtype=float32",
+                   f"+actor.chat_template={json.dumps(templates['mixtral_8x7b_instruct'])}",
+                   f"judge.path={tmp_path / 'llama'}", "judge.package=null", "judge.gguf_file=null",
+                   "judge.name=tiny_llama", "judge.dtype=float32",
+                   f"+judge.chat_template={json.dumps(templates['llama3_8b_instruct'])}",
+                   "training.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,w1,w2,w3]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"tiny_mixtral", "tiny_llama"}
+    adapter = json.loads((out / "adapters" / "round_0" / "actor" / "adapter_config.json").read_text())
+    assert {"w1", "w2", "w3", "q_proj"} <= set(adapter["target_modules"]) and not adapter.get("target_parameters")
+    assert (out / "adapters" / "round_0" / "judge" / "adapter_config.json").exists()
+
+
 def test_smoke_experiment_runs_the_whole_loop(tmp_path):
     """dialogue -> rating -> training -> saved adapters through the CLI, on the embedded SmolLM2; a rerun into
     the same folder resumes and duplicates nothing."""

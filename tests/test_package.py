@@ -123,8 +123,9 @@ def test_doctests(name):
     assert result.failed == 0
 
 
-# Test files above the rooms: the whole product (the CLI, kills and resumes, Slurm, the launcher scripts, this file).
-PRODUCT_TESTS = {"test_main", "test_crash", "test_slurm", "test_launchers", "test_package"}
+# Test files above the rooms: the whole product (the CLI, kills and resumes, Slurm, the launcher scripts, this file,
+# the gpu tier).
+PRODUCT_TESTS = {"test_main", "test_crash", "test_slurm", "test_launchers", "test_package", "test_gpu"}
 
 
 def test_test_files_mirror_the_modules():

@@ -156,8 +156,13 @@ class TrainingConfig:
     reference: str = "previous"  # previous: the round-start policy | base: the base model (lora only)
     lora: LoraSettings = field(default_factory=LoraSettings)  # the adapter (method=lora)
     gradient_checkpointing: bool = False  # true turns the KV cache off while sampling (~3x slower on CPU)
+    # auto: paged 8-bit AdamW (bitsandbytes) on a GPU when the base is 4-bit (QLoRA) or fully fine-tuned, where
+    # memory is tight; else torch's AdamW | adamw_torch | paged_adamw_8bit
+    optimizer: str = "auto"
 
     def __post_init__(self) -> None:
+        check(self.optimizer in {"auto", "adamw_torch", "paged_adamw_8bit"}, "training.optimizer",
+              f"is '{self.optimizer}'; use auto, adamw_torch or paged_adamw_8bit")
         check(self.steps >= 0, "training.steps", f"is {self.steps}; it must be >= 0 (0 skips training)")
         check(self.batch_size > 0, "training.batch_size", "must be > 0")
         check(self.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps", "must be > 0")

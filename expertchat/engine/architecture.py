@@ -41,8 +41,9 @@ class Shape:
     vocab: int
     heads: int
     kv_per_token: int  # K and V elements per token over all layers: 2 * layers * kv_heads * head_dim
-    fused_experts: int  # MoE expert parameters outside nn.Linear modules (transformers >= 5): never 4-bit
+    fused_experts: int  # floating parameters of >= 3 dimensions (fused MoE experts): bitsandbytes cannot quantize them
     lora: tuple[tuple[str, int, int], ...]
+    fused_example: str = ""  # the first such parameter's name (``load_in_4bit`` stops on it at load)
 
 
 def architecture(cfg: ModelConfig) -> tuple[dict[str, Any], str]:
@@ -74,29 +75,51 @@ def architecture(cfg: ModelConfig) -> tuple[dict[str, Any], str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _shape(config_json: str, source: str) -> Shape:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
+def _meta(config_json: str, source: str) -> Any:
+    """The model of a config.json's fields on the meta device (:func:`build_meta`), built once per architecture."""
+    from transformers import AutoConfig
 
     fields = json.loads(config_json)
     kind = fields.pop("model_type", None)
     for key in ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype", "transformers_version"):
         fields.pop(key, None)
     try:
-        config = AutoConfig.for_model(kind, **fields)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        return build_meta(AutoConfig.for_model(kind, **fields))
     except (ValueError, KeyError, TypeError) as exc:
         raise ExpertChatError(f"plan: transformers cannot build model_type '{kind}' from {source} ({exc})") from None
+
+
+def meta_model(cfg: ModelConfig) -> Any:
+    """A model config's architecture (:func:`architecture`) built on the meta device: shapes, no storage."""
+    config, source = architecture(cfg)
+    return _meta(json.dumps(config, sort_keys=True), source)
+
+
+def four_bit_modules(model: Any) -> list[str]:
+    """The names of the modules ``load_in_4bit`` turns into nf4 ``Linear4bit``: every module whose type is exactly
+    ``nn.Linear`` except those transformers keeps (the output layer, ``_keep_in_fp32_modules``), as
+    ``replace_with_bnb_linear`` decides."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
     skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    quantized, lora, fused = 0, {}, 0
+    return [name for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and should_convert_module(name, skip)]
+
+
+@functools.lru_cache(maxsize=16)
+def _shape(config_json: str, source: str) -> Shape:
+    import torch
+
+    model = _meta(config_json, source)
+    config = model.config
+    four_bit = set(four_bit_modules(model))
+    quantized, lora = 0, {}
+    fused = {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()}
     for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and should_convert_module(name, skip):
+        if name in four_bit:
             quantized += module.weight.numel()
-        elif "experts" in name.rpartition(".")[2] and type(module) is not torch.nn.ModuleList:
-            fused += sum(p.numel() for p in module.parameters(recurse=False))
         if type(module) is torch.nn.Linear and module is not model.get_output_embeddings():
             leaf = name.rpartition(".")[2]
             count, size = lora.get(leaf, (0, 0))
@@ -110,8 +133,21 @@ def _shape(config_json: str, source: str) -> Shape:
         layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
         experts=getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 1,
         experts_per_token=getattr(text, "num_experts_per_tok", None) or 1, vocab=text.vocab_size, heads=heads,
-        kv_per_token=2 * text.num_hidden_layers * kv_heads * head_dim, fused_experts=fused,
-        lora=tuple((k, c, s) for k, (c, s) in sorted(lora.items())))
+        kv_per_token=2 * text.num_hidden_layers * kv_heads * head_dim, fused_experts=sum(fused.values()),
+        lora=tuple((k, c, s) for k, (c, s) in sorted(lora.items())), fused_example=next(iter(fused), ""))
+
+
+def build_meta(config: Any) -> Any:
+    """The causal LM of ``config`` on PyTorch's meta device (shapes, no storage), built by the class that loads
+    it (``experts.causal_lm_class``: Mixtral with one ``nn.Linear`` per expert projection)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from expertchat.engine.experts import causal_lm_class
+
+    cls = causal_lm_class(config.model_type)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config) if cls is AutoModelForCausalLM else cls(config)
 
 
 def shape(cfg: ModelConfig) -> Shape:

@@ -246,17 +246,26 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load a model and tokenizer from a config (hub id, local folder or packaged GGUF)."""
+def load_model(cfg: ModelConfig, device_map: dict[str, int | str] | None = None) -> LoadedModel:
+    """Load a model and tokenizer from a config (hub id, local folder or packaged GGUF); a MoE model type of
+    ``experts.UNFUSED`` (Mixtral) loads with one ``nn.Linear`` per expert projection. ``device_map``: the plan's
+    placement (module -> GPU, ``modes.plan.device_maps``), used instead of ``cfg.device_map``.
+
+    Raises:
+        ExpertChatError: a missing model; under ``load_in_4bit`` a 3-D floating parameter left unquantized
+            (``experts.check_quantized``).
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from expertchat.engine.experts import causal_lm_class, check_quantized
 
     source = local_folder(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.device_map:
-        kwargs["device_map"] = cfg.device_map
+    if device_map or cfg.device_map:
+        kwargs["device_map"] = device_map or cfg.device_map
     if cfg.attn_implementation:  # sdpa | eager | flash_attention_2 (None: transformers picks, sdpa where it can)
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.load_in_4bit:
@@ -271,10 +280,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         )
     tokenizer = load_tokenizer(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        kind = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code).model_type
+        model = causal_lm_class(kind).from_pretrained(source, **kwargs)
     except OSError as exc:
         raise _missing(cfg, source, exc) from exc
-    if not cfg.device_map and not cfg.load_in_4bit:
+    if cfg.load_in_4bit:
+        check_quantized(model, cfg.name)
+    if not kwargs.get("device_map") and not cfg.load_in_4bit:
         model.to(device)
     model.eval()
     contiguous_head(model)
@@ -302,14 +314,17 @@ def contiguous_head(model: Any) -> None:
         head._expertchat_contiguous = True
 
 
-def load_pair(actor: ModelConfig, judge: ModelConfig) -> tuple[LoadedModel, LoadedModel]:
-    """Load the actor and judge models; the same weights used for both roles are loaded once."""
-    first = load_model(actor)
+def load_pair(actor: ModelConfig, judge: ModelConfig, device_maps: dict[str, dict] | None = None
+              ) -> tuple[LoadedModel, LoadedModel]:
+    """Load the actor and judge models; the same weights used for both roles are loaded once. ``device_maps``:
+    role -> the plan's device map (:func:`load_model`)."""
+    maps = device_maps or {}
+    first = load_model(actor, maps.get("actor"))
     if _same_weights(actor, judge):
         second = LoadedModel(name=judge.name, model=first.model, tokenizer=first.tokenizer, cfg=judge)
         log.info("actor and judge share one copy of %s", actor.name)
     else:
-        second = load_model(judge)
+        second = load_model(judge, maps.get("judge"))
     return first, second
 
 

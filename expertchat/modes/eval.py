@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from expertchat.config.schema import ExpertChatConfig, to_config
 from expertchat.engine.models import check_model, load_pair
 from expertchat.errors import ExpertChatError, first_line
+from expertchat.modes.plan import device_maps
 from expertchat.policies.adapters import Policies, adapter_dir, check_saved
 from expertchat.report.tracking import Tracker
 from expertchat.runs.store import CONFIG_FILE, STAGES_DIR, RunStore, marker_name, parse_marker
@@ -107,7 +108,7 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None,
     if not rounds:
         log.info("%s saved no adapter (no trained round): evaluating the base models only", store.root)
     heldout.record_prompts(run_cfg, store, prompts)
-    actor, judge = load_pair(run_cfg.actor, run_cfg.judge)
+    actor, judge = load_pair(run_cfg.actor, run_cfg.judge, device_maps(run_cfg))  # the plan's placement on GPUs
     policies = Policies({"actor": actor, "judge": judge}, run_cfg.training)
     ctx = Run(run_cfg, store, tracker, [], policies, reward_for=None, eval_prompts=prompts,
               eval_judge=functools.cache(lambda: evaluation.frozen_judge(run_cfg, policies)))

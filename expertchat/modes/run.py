@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from expertchat.config.schema import RESUME_HARMLESS, ExpertChatConfig
 from expertchat.engine.models import check_model, load_pair
 from expertchat.judging import rewards
+from expertchat.modes.plan import device_maps
 from expertchat.policies.adapters import Policies, check_saved
 from expertchat.report.console import summary_lines
 from expertchat.report.tracking import Tracker
@@ -42,13 +43,15 @@ def check(cfg: ExpertChatConfig) -> tuple[list[str] | None, dict[str, list], lis
 
     Raises:
         ExpertChatError: an unreadable stage marker, a saved policy whose folder is gone, a missing model, a
-            GPU-only setting without a GPU, bad topic input, or a changed config under ``resume=auto``.
+            GPU-only setting without a GPU, a GPU plan that does not fit (``plan.device_maps``), bad topic input,
+            or a changed config under ``resume=auto``.
     """
     store = RunStore(cfg.run_dir)
     store.check_markers()
     check_saved(store, range(cfg.rounds))
     check_model(cfg.actor, "actor")
     check_model(cfg.judge, "judge")
+    device_maps(cfg)  # on GPUs: a plan that does not fit, or GPUs missing, stops here with the plan's verdict
     held_out = heldout.plan_prompts(cfg, store) if cfg.evaluation.enabled else []
     early = topics.read_before_models(cfg.topics, store, cfg.topics.n * cfg.rounds, seed=cfg.seed,
                                       exclude=heldout.held_out(cfg, held_out))
@@ -83,7 +86,7 @@ def run(cfg: ExpertChatConfig, tracker: Tracker | None = None,
         return summary
     if earlier:
         _resume(store, _todo(cfg, store)[0], leftovers)
-    actor, judge = load_pair(cfg.actor, cfg.judge)
+    actor, judge = load_pair(cfg.actor, cfg.judge, device_maps(cfg))  # the plan's placement on GPUs
     run_topics = topics.run_topics(cfg.topics, store, cfg.topics.n * cfg.rounds, early, model=actor,
                                    generation=cfg.generation, seed=cfg.seed,
                                    exclude=heldout.held_out(cfg, held_out))

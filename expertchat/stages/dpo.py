@@ -12,6 +12,8 @@ Keep the unstable ``trl.experimental.online_dpo`` import in this module only. Im
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 from expertchat.config.schema import GenerationConfig, TrainingConfig
 from expertchat.engine.generation import generate
+from expertchat.engine.models import is_quantized, require
 from expertchat.errors import ExpertChatError, first_line
 from expertchat.report.console import open_progress
 from expertchat.report.tracking import Tracker
@@ -278,11 +281,43 @@ class StepProgress(TrainerCallback):
             self.bar = None
 
 
+def optimizer(cfg: TrainingConfig, model: torch.nn.Module, cuda: bool) -> str:
+    """The Trainer's ``optim`` for ``training.optimizer``: ``auto`` is bitsandbytes' paged 8-bit AdamW on a GPU
+    when the base is 4-bit (the QLoRA recipe: Dettmers et al. 2023, section 3, paged optimizers) or fully
+    fine-tuned (Adam's two moments in 8 bit: 2 bytes a parameter instead of 8), else torch's AdamW.
+
+    Raises:
+        ExpertChatError: ``paged_adamw_8bit`` without a GPU or without bitsandbytes.
+    """
+    name = cfg.optimizer
+    if name == "auto":
+        tight = cuda and (is_quantized(model) or cfg.method == "full")
+        name = "paged_adamw_8bit" if tight and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+    if name == "paged_adamw_8bit":
+        if not cuda:
+            raise ExpertChatError("training.optimizer=paged_adamw_8bit needs a CUDA GPU: use adamw_torch or auto")
+        require("bitsandbytes", "gpu", "training.optimizer=paged_adamw_8bit")
+    return name
+
+
+def _checkpointing(cfg: TrainingConfig) -> dict[str, Any]:
+    """Gradient checkpointing without re-entrancy, under both of transformers' names (``activation_*`` since 5.23;
+    TRL's default is True, so both are set: no warning), or the older names alone on an older transformers (the
+    GPU check's preinstalled 5.17)."""
+    kwargs = {"use_reentrant": False} if cfg.gradient_checkpointing else None
+    if "activation_checkpointing" not in {f.name for f in dataclasses.fields(OnlineDPOConfig)}:
+        return {"gradient_checkpointing": cfg.gradient_checkpointing, "gradient_checkpointing_kwargs": kwargs}
+    on = cfg.gradient_checkpointing
+    return {"activation_checkpointing": on, "gradient_checkpointing": on, "activation_checkpointing_kwargs": kwargs}
+
+
 def online_dpo_args(cfg: TrainingConfig, output_dir: str, budget: int, seed: int, model: torch.nn.Module,
                     amp: torch.dtype | None = None) -> OnlineDPOConfig:
     """TRL's arguments for one role's training: ``training.*``, prompts of at most ``budget`` tokens, no
     checkpoints (``output_dir`` is scratch), logs every step, mixed precision only on a GPU (``amp``: the
-    autocast dtype, default the model's)."""
+    autocast dtype, default the model's: fp16 on a V100, TRL's ``fp16=True, bf16=False``), gradient
+    checkpointing without re-entrancy (``use_reentrant=False``: the variant PyTorch recommends, which works with
+    frozen inputs under LoRA), the optimizer of :func:`optimizer`."""
     param = next(model.parameters())
     cuda = param.device.type == "cuda"
     # TRL defaults to bf16 autocast, and accelerate then patches the model's forward for good: on a CPU (and
@@ -294,8 +329,7 @@ def online_dpo_args(cfg: TrainingConfig, output_dir: str, budget: int, seed: int
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=0, weight_decay=0.0, beta=cfg.beta,
         loss_type=cfg.loss_type, max_new_tokens=cfg.max_new_tokens, max_length=budget + cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, activation_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is True: both names, no warning
+        temperature=cfg.temperature, top_p=cfg.top_p, **_checkpointing(cfg), optim=optimizer(cfg, model, cuda),
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not cuda, seed=seed,
         disable_tqdm=True, dataloader_num_workers=0,  # StepProgress shows the steps

@@ -225,7 +225,7 @@ def evaluate_point(cfg: ExpertChatConfig, store: RunStore, models: dict[str, Loa
     ``evaluation.lm_eval.tasks`` asks for it (its results under ``lm_eval`` in the summary)."""
     summary = evaluate(models, judge, prompts, cfg, store, point, tracker)
     if cfg.evaluation.lm_eval.tasks:
-        summary["lm_eval"] = run_lm_eval(cfg, store, point)
+        summary["lm_eval"] = run_lm_eval(cfg, store, point, models)
     return summary
 
 

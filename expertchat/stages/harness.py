@@ -1,14 +1,18 @@
-"""The optional lm-evaluation-harness run of an evaluation point (``evaluation.lm_eval.tasks``): each role's model,
-the base or with its round's adapter, through ``lm_eval.simple_evaluate``'s ``hf`` backend."""
+"""The optional lm-evaluation-harness run of an evaluation point (``evaluation.lm_eval.tasks``): each role's model
+as the run holds it (the base, or with its round's adapter; 4-bit, on its planned device map), handed to
+``lm_eval.simple_evaluate`` as an already-loaded model (``HFLM(pretrained=model)``), never reloaded by path (which
+would drop 4 bit and the device map, and load a second copy)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from expertchat.config.schema import ROLES, ExpertChatConfig
-from expertchat.engine.models import local_folder
-from expertchat.policies.adapters import adapter_dir
+from expertchat.engine.models import LoadedModel
 from expertchat.runs.store import RunStore, point_name
 
 log = logging.getLogger(__name__)
@@ -16,15 +20,33 @@ log = logging.getLogger(__name__)
 LM_EVAL_DIR = "lm_eval"
 
 
-def run_lm_eval(cfg: ExpertChatConfig, store: RunStore, point: int | str) -> dict[str, Any] | str:
-    """lm-evaluation-harness (``lm_eval.simple_evaluate``, the ``hf`` backend) on each role's model at ``point``:
-    the base, plus ``peft=<adapter folder>`` for a round; results in ``lm_eval/<point>.<role>.json``.
+@contextlib.contextmanager
+def _module(lm: LoadedModel) -> Iterator[Any]:
+    """The transformers model ``lm`` computes with: a view's merged copy or base with its adapter switched on
+    (``policies.views.ModelView.active``), else the model itself."""
+    active = getattr(lm.model, "active", None)
+    if active is None:
+        yield lm.model
+    else:
+        with active() as module:
+            yield module
+
+
+def run_lm_eval(cfg: ExpertChatConfig, store: RunStore, point: int | str,
+                models: dict[str, LoadedModel]) -> dict[str, Any] | str:
+    """lm-evaluation-harness (``lm_eval.simple_evaluate`` on ``lm_eval.models.huggingface.HFLM(pretrained=<the
+    loaded model>, tokenizer=<its tokenizer>)``) for each role's model at ``point``; results in
+    ``lm_eval/<point>.<role>.json``.
+
+    Args:
+        models: role -> the model as the run holds it (``Run.models``: views with the role's current adapter).
 
     Returns:
         ``{role: lm_eval's "results"}``, or the one line saying why it was skipped (not installed).
     """
     try:
-        import lm_eval
+        lm_eval = importlib.import_module("lm_eval")
+        hflm = importlib.import_module("lm_eval.models.huggingface").HFLM
     except ImportError:
         line = (f"evaluation.lm_eval.tasks={list(cfg.evaluation.lm_eval.tasks)} skipped: lm-evaluation-harness is "
                 f"not installed (pip install lm-eval)")
@@ -32,13 +54,12 @@ def run_lm_eval(cfg: ExpertChatConfig, store: RunStore, point: int | str) -> dic
         return line
     le, out = cfg.evaluation.lm_eval, {}
     for role in ROLES:
-        model_cfg = getattr(cfg, role)
-        args = f"pretrained={local_folder(model_cfg)},dtype={model_cfg.dtype}"
-        adapter = None if point == "base" else store.path(adapter_dir(int(point), role))
-        if adapter is not None and (adapter / "adapter_config.json").exists():
-            args += f",peft={adapter}"
-        result = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(le.tasks), limit=le.limit,
-                                         num_fewshot=le.num_fewshot, batch_size=le.batch_size)
+        lm = models[role]
+        with _module(lm) as module:
+            wrapped = hflm(pretrained=module, tokenizer=lm.tokenizer, batch_size=le.batch_size,
+                           max_length=lm.cfg.max_length)
+            result = lm_eval.simple_evaluate(model=wrapped, tasks=list(le.tasks), limit=le.limit,
+                                             num_fewshot=le.num_fewshot)
         store.write_json(f"{LM_EVAL_DIR}/{point_name(point)}.{role}.json", result.get("results", {}))
         out[role] = result.get("results", {})
     return out

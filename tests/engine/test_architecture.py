@@ -34,23 +34,22 @@ def test_the_embedded_model_plans_from_its_own_config_json_and_counts_what_loads
     assert shape.params == sum(p.numel() for p in smollm2.model.parameters())
 
 
-def test_the_weights_bitsandbytes_quantizes_are_the_ones_counted(tmp_path):
-    """A tiny random Mixtral loaded in 4 bit on the CPU: the plan's nf4 parameters are the loaded model's
-    Params4bit (two codes a byte); embeddings, lm_head, norms, router and fused experts stay as they were."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
+def test_the_weights_bitsandbytes_quantizes_are_the_ones_counted(smol_tokenizer, tmp_path):
+    """A tiny random Mixtral loaded in 4 bit on the CPU by the project's loader: the plan's nf4 parameters are the
+    loaded model's Params4bit (two codes a byte), the experts included; embeddings, lm_head, norms and router stay
+    as they were; nothing is left fused."""
+    from expertchat.engine.models import load_model
+    from tests.conftest import bnb_cpu, save_tiny_mixtral
 
-    pytest.importorskip("bitsandbytes")
-    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    MixtralForCausalLM(config).save_pretrained(tmp_path)
-    shape = architecture.shape(ModelConfig(name="tiny", path=str(tmp_path), load_in_4bit=True))
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    bnb_cpu()
+    fused = save_tiny_mixtral(smol_tokenizer, tmp_path)
+    cfg = ModelConfig(name="tiny", path=str(tmp_path), load_in_4bit=True, bnb_4bit_compute_dtype="float32")
+    shape = architecture.shape(cfg)
+    loaded = load_model(cfg).model
     four_bit = sum(2 * p.numel() for p in loaded.parameters() if type(p).__name__ == "Params4bit")
     assert shape.quantized == four_bit
-    assert shape.params == sum(p.numel() for p in MixtralForCausalLM(config).parameters())
-    assert shape.fused_experts == sum(p.numel() for n, p in loaded.named_parameters() if ".experts." in n
-                                      and type(p).__name__ != "Params4bit")
+    assert shape.params == sum(p.numel() for p in fused.parameters())
+    assert shape.fused_experts == 0 and {leaf: n for leaf, n, _ in shape.lora}["w2"] == 2 * 4
 
 
 def test_auto_is_fp16_on_a_v100_bf16_on_an_a100():

@@ -123,16 +123,16 @@ def test_embedded_gguf_is_converted_once_to_plain_safetensors(smol_tokenizer):
 def test_same_weights_are_loaded_once(monkeypatch):
     calls = []
 
-    def fake_load(cfg):
-        calls.append(cfg.name)
+    def fake_load(cfg, device_map=None):
+        calls.append((cfg.name, device_map))
         return LoadedModel(cfg.name, object(), object(), cfg)
 
     monkeypatch.setattr("expertchat.engine.models.load_model", fake_load)
     a, b = load_pair(ModelConfig(name="a", path="/m"), ModelConfig(name="b", path="/m"))
-    assert calls == ["a"] and a.model is b.model and b.name == "b"
+    assert calls == [("a", None)] and a.model is b.model and b.name == "b"
     calls.clear()
-    load_pair(ModelConfig(name="a", path="/m"), ModelConfig(name="b", path="/n"))
-    assert calls == ["a", "b"]
+    load_pair(ModelConfig(name="a", path="/m"), ModelConfig(name="b", path="/n"), {"judge": {"": 1}})
+    assert calls == [("a", None), ("b", {"": 1})]  # each role's planned device map
 
 
 def test_the_attention_implementation_reaches_the_model(tmp_path, smol_tokenizer):

@@ -235,3 +235,40 @@ def test_a_deleted_adapter_is_never_replaced_by_the_base(smol_tokenizer, tmp_pat
     with pytest.raises(ExpertChatError, match=r"^adapters/round_0/actor is missing, but stages/round_0\.training\.json "
                                               r"says round 0 saved actor's policy there"):
         Policies(tiny_pair(smol_tokenizer), cfg()).restore(store, rounds=2)
+
+
+# ------------------------------------------------------------------------------------ a Mixtral's experts
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "nf4"])
+def test_one_dpo_step_adapts_mixtrals_attention_and_experts_and_round_trips(smol_tokenizer, tmp_path, four_bit):
+    """LoRA on q/k/v/o and the per-expert w1/w2/w3 of a tiny Mixtral (engine/experts.py), in fp32 and on an nf4
+    base (QLoRA; bitsandbytes' CPU backend): one online DPO step changes every adapted kind of layer; the saved
+    adapter reloads onto a fresh load with the same logits."""
+    from peft import PeftModel
+
+    from expertchat.config.schema import TrainingConfig
+    from expertchat.engine.models import load_model
+    from tests.conftest import bnb_cpu, save_tiny_mixtral
+
+    if four_bit:
+        bnb_cpu()
+    save_tiny_mixtral(smol_tokenizer, tmp_path / "mixtral")
+    model_cfg = ModelConfig(name="mixtral", path=str(tmp_path / "mixtral"), dtype="float32", max_length=512,
+                            load_in_4bit=four_bit, bnb_4bit_compute_dtype="float32", device=None if four_bit else "cpu")
+    lm = load_model(model_cfg)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+    training = TrainingConfig(steps=1, max_new_tokens=6, learning_rate=1e-2, bidirectional=False,
+                              lora=LoraSettings(target_modules=targets))
+    store = RunStore(tmp_path / "run")
+    policies = Policies({"actor": lm, "judge": lm}, training)
+    summary = train_round(policies, 0, fake_dialogues(), length_reward, DCFG, store)
+    assert summary["roles"]["actor"]["steps"] == 1
+    peft = next(iter(policies._peft.values()))
+    moved = {n.split(".lora_B.")[0].rpartition(".")[2] for n, p in peft.named_parameters()
+             if ".lora_B.actor." in n and torch.count_nonzero(p)}
+    assert moved == set(targets)  # B starts at 0: every target kind was reached and changed
+    assert any(".experts.3.w2.lora_B.actor" in n for n, _ in peft.named_parameters())
+    trained = logits(policies.models["actor"], IDS)
+    fresh = PeftModel.from_pretrained(load_model(model_cfg).model, str(tmp_path / "run/adapters/round_0/actor"))
+    assert torch.allclose(fresh(torch.tensor([IDS])).logits[0].float(), trained, atol=1e-5)

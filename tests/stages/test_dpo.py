@@ -215,3 +215,25 @@ def test_trainer_logs_into_the_pipeline_tracker_and_the_run_folder(smol_tokenize
     assert any("rounds/actor_reward_mean" in m for m, _ in tracker.logged)
     rows = [json.loads(line) for line in (tmp_path / TRAIN_METRICS_FILE).read_text().splitlines()]
     assert {(r["round"], r["role"]) for r in rows} == {(0, "actor"), (0, "judge"), (1, "actor"), (1, "judge")}
+
+
+# ----------------------------------------------------------------------------------- GPU settings by hardware
+
+
+def test_trainer_settings_follow_the_device_and_the_base(smol_tokenizer, tmp_path, monkeypatch):
+    """On a CPU: no mixed precision, torch's AdamW, re-entrancy off when checkpointing; paged 8-bit AdamW is
+    chosen on a GPU for a 4-bit base and refused without one (fp16 on a GPU: the gpu tier, tests/test_gpu.py)."""
+    from expertchat.stages import dpo
+
+    model = tiny_pair(smol_tokenizer)["actor"].model
+    args = dpo.online_dpo_args(cfg(gradient_checkpointing=True), str(tmp_path), 64, 0, model)
+    assert (args.bf16, args.fp16, args.optim.value) == (False, False, "adamw_torch")
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert dpo.optimizer(cfg(), model, cuda=False) == "adamw_torch"
+    with pytest.raises(ExpertChatError, match="training.optimizer=paged_adamw_8bit needs a CUDA GPU"):
+        dpo.optimizer(cfg(optimizer="paged_adamw_8bit"), model, cuda=False)
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(model, "is_loaded_in_4bit", True, raising=False)
+    assert dpo.optimizer(cfg(), model, cuda=True) == "paged_adamw_8bit"
+    assert dpo.optimizer(cfg(optimizer="adamw_torch"), model, cuda=True) == "adamw_torch"
+    assert dpo.optimizer(cfg(method="full"), tiny_pair(smol_tokenizer)["actor"].model, cuda=True) == "paged_adamw_8bit"
