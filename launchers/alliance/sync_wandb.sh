@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Upload offline W&B runs from a LOGIN node (compute nodes have no internet; jobs log with WANDB_MODE=offline into
 # <run folder>/wandb/offline-run-*). Every run folder under the given paths (default: multirun/ outputs/ runs/):
-#   bash launchers/beluga/sync_wandb.sh [PATH ...]        (wandb login once first, or WANDB_API_KEY in the env)
+#   bash launchers/alliance/sync_wandb.sh [PATH ...]        (wandb login once first, or WANDB_API_KEY in the env)
 # A run that was already synced is skipped by wandb (its .synced marker); --dry-run lists what would be sent.
 set -euo pipefail
 dry=()
