@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from expertchat.config.schema import CONF, ExpertChatConfig, to_config
+from expertchat.config.schema import CONF, ExpertChatConfig, register, to_config
 from expertchat.engine.models import looks_local, resolve_source
 from expertchat.errors import ExpertChatError, first_line
 from expertchat.modes import plan as memory
@@ -45,6 +45,7 @@ def compose(overrides: list[str], hydra: bool = True) -> DictConfig:
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
+    register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
     with open_dict(cfg):
