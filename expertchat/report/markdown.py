@@ -299,9 +299,12 @@ def track(tracker: Tracker, data: RunData, images: list[Path]) -> None:
         tracker.log_table("evaluation", cols + ecats, [
             [str(r.get("round")), *[r.get(k) for k in cols[1:]], *[get(r, f"scores.{c}") for c in ecats]]
             for r in data.eval_rows])
-    if data.evals:
+    if data.evals:  # every point under evaluation/<round>/, the last one also under final/ (what dashboards compare)
+        last = data.evals[-1]
         tracker.log_summary({"evaluation": {str(e.get("round")): {
-            role: _flat_cis(m) for role, m in (e.get("models") or {}).items()} for e in data.evals}})
+            role: _flat_cis(m) for role, m in (e.get("models") or {}).items()} for e in data.evals},
+            "final": {"round": str(last.get("round")),
+                      **{role: _flat_cis(m) for role, m in (last.get("models") or {}).items()}}})
     tracker.log_images({p.stem: p for p in images})
 
 
