@@ -185,6 +185,16 @@ def make_tracker(cfg: TrackerConfig, run_dir: str | os.PathLike[str], config: di
     return Tracker()
 
 
+def sweep_group(experiment: str | None, sweep_dir: str | os.PathLike[str]) -> str:
+    """The W&B group of a sweep's runs: the experiment (``default`` without ``+experiment``) and the sweep folder's
+    last two parts.
+
+    >>> sweep_group("smoke", "multirun/2026-11-30/20-00-00"), sweep_group(None, "/scratch/x/multirun/d/t")
+    ('smoke/2026-11-30_20-00-00', 'default/d_t')
+    """
+    return f"{experiment or 'default'}/{'_'.join(Path(sweep_dir).parts[-2:])}"
+
+
 def sweep_job() -> dict[str, Any] | None:
     """In a Hydra multirun: ``{"group"`` (the experiment and the sweep folder's last two parts, e.g.
     ``smoke/2026-11-30_20-00-00``; ``default/...`` without ``+experiment``), ``"dir"``, ``"job"`` (its number),
@@ -199,8 +209,7 @@ def sweep_job() -> dict[str, Any] | None:
         if hc.mode != RunMode.MULTIRUN:
             return None
         overrides = list(hc.overrides.task)
-        experiment = hc.runtime.choices.get("experiment") or "default"
-        job = {"group": f"{experiment}/{'_'.join(Path(hc.sweep.dir).parts[-2:])}", "dir": str(hc.sweep.dir),
+        job = {"group": sweep_group(hc.runtime.choices.get("experiment"), hc.sweep.dir), "dir": str(hc.sweep.dir),
                "job": hc.job.num, "overrides": overrides, "swept": overrides}
     except (ImportError, ValueError, AttributeError):  # not inside a Hydra job
         return None
