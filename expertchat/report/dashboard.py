@@ -20,6 +20,7 @@ rendered offline: ``wandb-workspaces`` looks up the project through the API to b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -126,14 +127,17 @@ def build_report(facts: dict[str, Any], spec: dict[str, Any]) -> Any:
 
 def summary_run(sweep_dir: Path, facts: dict[str, Any]) -> Path | None:
     """An offline W&B run in ``<sweep>/wandb/`` (job type ``sweep``, the sweep's group) holding ``sweep.png`` as
-    ``sweep``, so that the view and the report can show it once synced; its folder, or None without ``sweep.png``."""
+    ``sweep``, so that the view and the report can show it once synced; its folder, or None without ``sweep.png``.
+    Its id is the sweep folder's (``sweep-<hash>``): a later call's offline folder updates the same W&B run."""
     import wandb
 
     png = sweep_dir / "sweep.png"
     if not png.is_file():
         return None
+    run_id = "sweep-" + hashlib.sha1(str(sweep_dir.resolve()).encode()).hexdigest()[:8]  # one run per sweep folder
     run = wandb.init(project=facts["project"], entity=facts["entity"], group=facts["group"], job_type="sweep",
                      name=f"sweep {facts['group']}", dir=str(sweep_dir), mode="offline", reinit="create_new",
+                     id=run_id, resume="allow",
                      config={"sweep": {"dir": facts["sweep_dir"], "swept_keys": facts["swept"]}})
     try:
         run.log({"sweep": wandb.Image(str(png))})

@@ -66,7 +66,7 @@ def test_sweep_png_goes_to_an_offline_run_in_the_sweeps_group(sweep):
     (log,) = (sweep / "wandb").glob("offline-run-*/run-*.wandb")
     assert spec["sweep_run"] == str(log.parent)
     run = next(r.run for r in wandb_records(log) if r.WhichOneof("record_type") == "run")
-    assert run.run_group == "smoke/2026-12-06_10-00-00" and run.job_type == "sweep"
+    assert run.run_group == "smoke/2026-12-06_10-00-00" and run.job_type == "sweep" and run.run_id.startswith("sweep-")
     history = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                for r in wandb_records(log) if r.WhichOneof("record_type") == "history" for i in r.history.item}
     assert history["sweep/_type"] == "image-file" and history["sweep/format"] == "png"
