@@ -72,14 +72,17 @@ def test_a_zeta_sweep_runs_three_slurm_jobs_to_completion(tmp_path):
 
 
 def test_a_failing_job_leaves_the_others_intact_and_the_sweep_exits_non_zero(tmp_path):
-    # the first value is valid (the entrypoint checks the first job before submitting); 7 fails in its job
-    rc, stdout, stderr = finish(sweep(tmp_path, "reward.zeta=0.4,7", "training.steps=0",
-                                              "evaluation.enabled=false")[0])
+    # every job's config, models and memory plan are checked before queueing; a missing topics file is found only by
+    # the job that reads it
+    topics, missing = tmp_path / "topics.jsonl", tmp_path / "missing.jsonl"
+    topics.write_text("".join(json.dumps({"topic": t}) + "\n" for t in ("dark matter", "bread", "tides")))
+    rc, stdout, stderr = finish(sweep(tmp_path, "topics=jsonl", f"topics.path={topics},{missing}", "training.steps=0",
+                                      "evaluation.enabled=false")[0])
     out = tmp_path / "sweep"
     assert rc == 1
     ok, bad = status(out / "0"), status(out / "1")
     assert ok["status"] == "done" and len(lines(out / "0" / "turns.jsonl")) == 4
-    assert bad["status"] == "failed" and bad["error"] == "config error: reward.zeta is 7.0; it must be in [0, 1]"
+    assert bad["status"] == "failed" and bad["error"] == f"topics file not found: {missing} (set topics.path=FILE.jsonl)"
     assert bad["slurm_job_id"].split("_")[0] == ok["slurm_job_id"].split("_")[0]
     assert "1 done, 1 failed" in stdout and "failed" in (out / "sweep.md").read_text()
     assert stderr.strip().splitlines()[-1].startswith("expertchat: error: 1 sweep job(s) did not finish: job 1")
