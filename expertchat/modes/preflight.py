@@ -91,12 +91,18 @@ def check_profile(cfg: DictConfig, profile: str) -> None:
     """A cluster profile takes the node from ``hardware`` and needs an account.
 
     Raises:
-        ExpertChatError: ``hardware`` has no GPU, no checkout with ``launchers/alliance/env.sh`` is known
+        ExpertChatError: a later option replaced ``+cluster``'s hardware, ``hardware`` has no GPU, no checkout with ``launchers/alliance/env.sh`` is known
             (``EXPERTCHAT_HOME``), or no account is set (naming ``SLURM_ACCOUNT``).
     """
     launcher = cfg.hydra.launcher
     if not asks_hardware(launcher):
         return
+    choices = cfg.hydra.runtime.choices
+    cluster = choices.get("cluster")
+    if cluster and choices.get("hardware") != cluster:
+        raise ExpertChatError(f"+cluster={cluster} selects hardware={cluster}, but an option after it picked "
+                              f"hardware={choices.get('hardware')} (e.g. +experiment=mixtral_vs_llama): put "
+                              f"+cluster={cluster} last")
     if cfg.hardware.gpus == 0:
         raise ExpertChatError(f"hydra/launcher={profile} asks Slurm for the GPUs, CPUs and memory of `hardware`, but "
                               f"hardware={cfg.hardware.name} has no GPU: add the hardware of the cluster's nodes, e.g. "

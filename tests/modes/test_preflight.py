@@ -68,3 +68,14 @@ def test_only_cluster_profiles_ask_for_the_hardware_and_an_account(monkeypatch):
     monkeypatch.setenv("EXPERTCHAT_HOME", "/nowhere")
     with pytest.raises(ExpertChatError, match=r"EXPERTCHAT_HOME=/nowhere has none: source launchers/alliance/env.sh"):
         preflight.check_profile(rorqual, "rorqual")
+
+
+def test_a_cluster_whose_hardware_a_later_option_replaced_is_one_line(monkeypatch):
+    monkeypatch.setenv("SLURM_ACCOUNT", "def-someone")
+    monkeypatch.delenv("EXPERTCHAT_HOME", raising=False)
+    late = preflight.compose(["+cluster=rorqual", "+experiment=mixtral_vs_llama"])  # the experiment picks beluga
+    with pytest.raises(ExpertChatError) as error:
+        preflight.check_profile(late, "rorqual")
+    assert str(error.value) == ("+cluster=rorqual selects hardware=rorqual, but an option after it picked "
+                                "hardware=beluga (e.g. +experiment=mixtral_vs_llama): put +cluster=rorqual last")
+    preflight.check_profile(preflight.compose(["+experiment=mixtral_vs_llama", "+cluster=rorqual"]), "rorqual")
