@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from expertchat.config.schema import CONF, register, renamed, to_config
 from expertchat.errors import ExpertChatError, first_line
@@ -240,54 +240,17 @@ def first_job(args: list[str]) -> tuple[list[str], list[str]] | None:
     return job, swept
 
 
-def launcher_profile(args: list[str]) -> tuple[str | None, Path | None]:
-    """The ``hydra/launcher=NAME`` the command picks (the last one wins) and its file in ``conf/``, or None for the
-    file when no profile is picked or it is not one of ours (preflight names the choices)."""
-    profile = next((a.partition("=")[2] for a in reversed(args) if a.startswith("hydra/launcher=")), None)
-    path = Path(CONF_DIR, "hydra", "launcher", f"{profile}.yaml") if profile else None
-    return profile, path if path is not None and path.exists() else None
+def check_sweep(args: list[str], job: list[str] | None) -> None:
+    """Before a sweep on Slurm is queued: the launcher answers, a cluster profile has GPU hardware and an account,
+    and every job's models are found and its memory plan fits (``expertchat.modes.preflight``); else one line."""
+    from expertchat.modes import preflight
 
-
-def check_launcher(args: list[str]) -> None:
-    """A Slurm launcher profile needs the submitit plugin and a Slurm that answers: else one line saying how to
-    start the local cluster or pick another launcher."""
-    import shutil
-    import subprocess
-
-    profile, path = launcher_profile(args)
-    if path is None or "submitit_slurm" not in path.read_text():
-        return  # the basic launcher, or an unknown profile (preflight names the choices)
-    import importlib.util
-
-    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
-        fail(f"hydra/launcher={profile} needs the submitit launcher: pip install 'expertchat[slurm]'")
-    how = ("start the local cluster (launchers/local_slurm.sh start)" if profile == "slurm_local"
-           else "submit from a login node of the cluster")
-    if shutil.which("sbatch") is None:
-        fail(f"hydra/launcher={profile} needs Slurm, but sbatch is not on PATH: {how}, or drop hydra/launcher=... "
-             f"to run the sweep's jobs here one after another")
     try:
-        subprocess.run(["squeue", "-h", "-o", "%i"], check=True, capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
-        said = first_line(getattr(exc, "stderr", b"").decode(errors="replace")) if getattr(exc, "stderr", None) \
-            else first_line(exc)
-        fail(f"hydra/launcher={profile}: Slurm does not answer (squeue: {said}): {how}, or drop "
-             f"hydra/launcher=... to run the sweep's jobs here one after another")
-
-
-def check_hardware(job: list[str]) -> None:
-    """A GPU cluster's launcher profile takes the node's GPUs, CPUs and memory from ``hardware``: with the default
-    ``hardware=cpu`` it would ask Slurm for no GPU, so that is one line before anything is submitted."""
-    profile, path = launcher_profile(job)
-    if path is None:
-        return
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
-    if OmegaConf.is_interpolation(cfg.hydra.launcher, "gpus_per_node") and cfg.hardware.gpus == 0:
-        fail(f"hydra/launcher={profile} asks Slurm for the GPUs, CPUs and memory of `hardware`, but "
-             f"hardware={cfg.hardware.name} has no GPU: add the hardware of the cluster's nodes, e.g. hardware=beluga")
+        lines = preflight.check_sweep(args, job)
+    except ExpertChatError as exc:
+        fail(str(exc))
+    for line in lines:
+        print(line)
 
 
 def print_sweep(swept: list[str] | None) -> str | None:
@@ -355,10 +318,9 @@ def main() -> None:
         return
     job = first_job(args)
     if checks:
-        check_launcher(args)
         if job is not None:
             preflight(job[0])
-            check_hardware(job[0])
+        check_sweep(args, job[0] if job is not None else None)
     from expertchat.runs import jobs
 
     logging.getLogger("submitit").addFilter(jobs.QuietSacct())

@@ -72,14 +72,17 @@ def test_a_zeta_sweep_runs_three_slurm_jobs_to_completion(tmp_path):
 
 
 def test_a_failing_job_leaves_the_others_intact_and_the_sweep_exits_non_zero(tmp_path):
-    # the first value is valid (the entrypoint checks the first job before submitting); 7 fails in its job
-    rc, stdout, stderr = finish(sweep(tmp_path, "reward.zeta=0.4,7", "training.steps=0",
-                                              "evaluation.enabled=false")[0])
+    # every job's config, models and memory plan are checked before queueing; a missing topics file is found only by
+    # the job that reads it
+    topics, missing = tmp_path / "topics.jsonl", tmp_path / "missing.jsonl"
+    topics.write_text("".join(json.dumps({"topic": t}) + "\n" for t in ("dark matter", "bread", "tides")))
+    rc, stdout, stderr = finish(sweep(tmp_path, "topics=jsonl", f"topics.path={topics},{missing}", "training.steps=0",
+                                      "evaluation.enabled=false")[0])
     out = tmp_path / "sweep"
     assert rc == 1
     ok, bad = status(out / "0"), status(out / "1")
     assert ok["status"] == "done" and len(lines(out / "0" / "turns.jsonl")) == 4
-    assert bad["status"] == "failed" and bad["error"] == "config error: reward.zeta is 7.0; it must be in [0, 1]"
+    assert bad["status"] == "failed" and bad["error"] == f"topics file not found: {missing} (set topics.path=FILE.jsonl)"
     assert bad["slurm_job_id"].split("_")[0] == ok["slurm_job_id"].split("_")[0]
     assert "1 done, 1 failed" in stdout and "failed" in (out / "sweep.md").read_text()
     assert stderr.strip().splitlines()[-1].startswith("expertchat: error: 1 sweep job(s) did not finish: job 1")
@@ -109,3 +112,44 @@ def test_a_requeued_job_resumes_without_losing_or_duplicating_records(tmp_path):
     assert len(answers) == len(set(answers)) == 2 * 2 * 2  # base and round 0, both roles, 2 held-out prompts
     log = (out / "0" / "expertchat.log").read_text()
     assert "resuming" in log or "nothing left to do" in log
+
+
+def test_a_sweep_whose_job_cannot_fit_is_refused_before_anything_reaches_sbatch(tmp_path):
+    # sbatch on PATH is the real one behind a recorder: the refusal must come before the first call
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch_calls\nexec {shutil.which("sbatch")} "$@"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], check=True, capture_output=True, text=True).stdout
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "expertchat", "-m", "+experiment=smoke", "hydra/launcher=slurm_local",
+                           "hardware.memory_gb=64,1", f"hydra.sweep.dir={out}"], cwd=tmp_path, check=False,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("expertchat: error: sweep refused before queueing: job 1 (hardware.memory_gb=1) "
+                                  "does not fit hardware=cpu: the plan needs ")
+    assert not (tmp_path / "sbatch_calls").exists() and not out.exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], check=True, capture_output=True, text=True).stdout == queued
+
+
+def test_run_sbatch_runs_one_job_into_its_run_folder_with_its_log(tmp_path):
+    # launchers/alliance/run.sbatch as submitted on a cluster, with the local node's resources instead of a GPU node's
+    script = (ROOT / "launchers" / "alliance" / "run.sbatch").read_text()
+    for option, local in (("--gpus-per-node=h100:4", None), ("--cpus-per-task=64", "--cpus-per-task=1"),
+                          ("--mem=498G", "--mem=4G"), ("--time=24:00:00", "--time=00:20:00")):
+        script = script.replace(f"#SBATCH {option}\n", f"#SBATCH {local}\n" if local else "")
+    (tmp_path / "run.sbatch").write_text(script)
+    venv = Path(sys.executable).parents[1]
+    env = {**os.environ, "EXPERTCHAT_HOME": str(ROOT), "EXPERTCHAT_MODULES": "", "EXPERTCHAT_VENV": str(venv),
+           "EXPERTCHAT_OUTPUTS": str(tmp_path / "outputs"), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", "run.sbatch", "+experiment=smoke", "training.steps=0",
+                           "evaluation.enabled=false"], cwd=tmp_path, env=env, check=False, capture_output=True,
+                          text=True, timeout=900)
+    job = proc.stdout.strip().split(";")[0]
+    log = tmp_path / f"expertchat-{job}.out"
+    assert proc.returncode == 0, (proc.stderr, log.read_text() if log.exists() else "no log")
+    run = tmp_path / "outputs" / f"slurm-{job}"
+    assert status(run)["status"] == "done" and status(run)["slurm_job_id"] == job
+    assert (run / "slurm.out").resolve() == log.resolve() and "expertchat" in log.read_text()
+    assert len(lines(run / "turns.jsonl")) == 4

@@ -194,7 +194,10 @@ class TrackerConfig:
     mode: str = "offline"  # offline (no account; `wandb sync <run_dir>/wandb/offline-run-*` later) | online
     group: Optional[str] = None  # None: a multirun's jobs are grouped by their sweep folder
     name: Optional[str] = None  # run name; None: the run folder's name
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # besides these, a multirun job is tagged with its swept keys
+    # offline runs marked for a login-node `wandb-osh` process to sync while jobs run (compute nodes have no internet;
+    # the `wandb` extra installs wandb-osh); +cluster=... turns it on
+    live_sync: bool = False
 
     def __post_init__(self) -> None:
         check(self.backend in {"none", "wandb"}, "tracker.backend", f"is '{self.backend}'; use none or wandb")

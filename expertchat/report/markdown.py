@@ -14,6 +14,7 @@ plots and the evaluation summary go to the tracked run; a failure there is one w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -313,9 +314,12 @@ def track(tracker: Tracker, data: RunData, images: list[Path]) -> None:
         tracker.log_table("evaluation", cols + ecats, [
             [str(r.get("round")), *[r.get(k) for k in cols[1:]], *[get(r, f"scores.{c}") for c in ecats]]
             for r in data.eval_rows])
-    if data.evals:
+    if data.evals:  # every point under evaluation/<round>/, the last one also under final/ (what dashboards compare)
+        last = data.evals[-1]
         tracker.log_summary({"evaluation": {str(e.get("round")): {
-            role: _flat_cis(m) for role, m in (e.get("models") or {}).items()} for e in data.evals}})
+            role: _flat_cis(m) for role, m in (e.get("models") or {}).items()} for e in data.evals},
+            "final": {"round": str(last.get("round")),
+                      **{role: _flat_cis(m) for role, m in (last.get("models") or {}).items()}}})
     tracker.log_images({p.stem: p for p in images})
 
 
@@ -337,14 +341,24 @@ def _flat_cis(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m expertchat.report PATH``: a run folder's report, or a sweep folder's (with ``multirun.yaml``).
-    Exit 0 when something was reported, 2 with one error line when there was nothing to report."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m expertchat.report RUN_OR_SWEEP_FOLDER", file=sys.stderr)
-        return 2
+    """``python -m expertchat.report PATH``: a run folder's report, or a sweep folder's (with ``multirun.yaml``);
+    with ``--wandb-workspace`` also the sweep's W&B dashboard (``report/dashboard.py``: its spec offline, saved with
+    ``--save``). Exit 0 when something was reported, 2 with one error line when there was nothing to report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m expertchat.report", description=main.__doc__)
+    parser.add_argument("path", metavar="RUN_OR_SWEEP_FOLDER")
+    parser.add_argument("--wandb-workspace", action="store_true",
+                        help="a sweep's W&B view and report (wandb-workspaces): written as a spec offline")
+    parser.add_argument("--save", action="store_true", help="with --wandb-workspace: save them to W&B (online)")
+    parser.add_argument("--entity", help="the W&B entity to save to (default: the sweep's tracker.entity, WANDB_ENTITY)")
+    parser.add_argument("--project", help="the W&B project (default: the sweep's tracker.project)")
     try:
-        root = Path(args[0])
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # usage errors (2, with the usage line) and --help (0): a code, not an exit
+        return int(exc.code or 0)
+    try:
+        root = Path(args.path)
         if (root / "multirun.yaml").is_file():
             from expertchat.report import sweep
 
@@ -352,8 +366,16 @@ def main(argv: list[str] | None = None) -> int:
                 if not load(job).empty():
                     after_run(job)  # each job's own report.md (a failure there is one warning line)
             print(sweep.write_sweep_report(root))
+        elif args.wandb_workspace:
+            raise ExpertChatError(f"--wandb-workspace needs a sweep folder (with multirun.yaml); {root} is not one")
         else:
             print(write_report(root))
+        if args.wandb_workspace:
+            from expertchat.report import dashboard
+
+            spec = dashboard.write(root, save=args.save, entity=args.entity, project=args.project)
+            print(f"W&B dashboard spec: {spec}")
+            print(f"saved: {json.loads(spec.read_text())['workspace_url']}" if args.save else dashboard.how_to_save(root))
     except ExpertChatError as exc:
         print(f"expertchat.report.markdown: error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from expertchat.config.schema import TrackerConfig
@@ -46,14 +47,88 @@ def test_wandb_offline_run_lands_in_the_run_folder(tmp_path, monkeypatch):
                 b"rounds/actor_reward_mean", b"rounds/step"):
         assert key in data, key
 
-    # a resumed job (same run folder) continues the same W&B run: same id, a second offline folder
+    # a resumed job (same run folder) is the run's next segment: a run of its own, in a second offline folder
     again = make_tracker(cfg, tmp_path, {})
     try:
         again.log({"train/actor/loss": 0.6}, step=2)
     finally:
         again.finish()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all((r / f"run-{run_id}.wandb").exists() for r in runs)
+    assert len(runs) == 2 and (runs[0] / f"run-{run_id}.wandb").exists()
+    assert (runs[1] / f"run-{run_id}-s1.wandb").exists()
+    assert (tmp_path / "wandb" / "segments").read_text().split() == [run_id, f"{run_id}-s1"]
+
+
+def test_two_segments_of_a_requeued_job_read_back_intact(tmp_path, monkeypatch):
+    """A requeued job's second segment is a second W&B run: the first segment's offline log is untouched and both
+    hold their own points (syncing them cannot replace one with the other)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = TrackerConfig(backend="wandb", mode="offline", tags=["requeue"])
+    first = make_tracker(cfg, tmp_path, {"seed": 0})
+    try:
+        for step in range(3):
+            first.log({"train/actor/loss": 1.0 - step / 10}, step=step)
+        first.log_summary({"rounds": {"actor": 0.1}})
+    finally:
+        first.finish()
+    (log_1,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    before = log_1.read_bytes()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    second = make_tracker(cfg, tmp_path, {"seed": 0})
+    try:
+        for step in range(3, 5):  # the requeued job goes on from the stage it resumes
+            second.log({"train/actor/loss": 1.0 - step / 10}, step=step)
+    finally:
+        second.finish()
+    assert log_1.read_bytes() == before
+    (log_2,) = set(tmp_path.glob("wandb/offline-run-*/run-*.wandb")) - {log_1}
+    segments = [wandb_points(path) for path in (log_1, log_2)]
+    assert [s["steps"] for s in segments] == [[0, 1, 2], [3, 4]]
+    assert segments[0]["loss"] == pytest.approx([1.0, 0.9, 0.8]) and segments[1]["loss"] == pytest.approx([0.7, 0.6])
+    (one, two) = (s["run"] for s in segments)
+    assert two.run_id == f"{one.run_id}-s1" and two.display_name == f"{one.display_name} (segment 2)"
+    assert one.run_group == two.run_group and list(two.tags) == ["requeue"]
+    assert segments[0]["summary"]["rounds/actor"] == 0.1 and segments[1]["config"]["segment"] == 1
+
+
+def wandb_points(path):
+    """The ``train/actor/loss`` points (with their ``train/step``), summary, config and run record of one offline log."""
+    from tests.report_helpers import wandb_records
+
+    out = {"steps": [], "loss": [], "summary": {}, "config": {}, "run": None}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = record.run
+            out["config"].update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "history":
+            item = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            if "train/actor/loss" in item:
+                out["steps"].append(item["train/step"])
+                out["loss"].append(item["train/actor/loss"])
+        elif kind == "summary":
+            out["summary"].update({u.key or "/".join(u.nested_key): json.loads(u.value_json)
+                                   for u in record.summary.update})
+    return out
+
+
+def test_live_sync_marks_the_offline_run_for_wandb_osh(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_OSH_COMMAND_DIR", str(tmp_path / "osh"))
+    tracker = make_tracker(TrackerConfig(backend="wandb", mode="offline", live_sync=True), tmp_path / "run", {})
+    try:
+        tracker.log_summary({"rounds": {"actor": 0.1}})
+        (command,) = (tmp_path / "osh").glob("*.command")  # what the login node's `wandb-osh` syncs
+        assert command.read_text() == str(tracker.offline_dir.resolve())
+        assert tracker.offline_dir.name.startswith("offline-run-") and tracker.offline_dir.parent == tmp_path / "run" / "wandb"
+        command.unlink()  # wandb-osh deletes it once synced
+        tracker.log({"train/actor/loss": 0.5}, step=1)
+        assert not list((tmp_path / "osh").glob("*.command"))  # at most once a minute while logging
+    finally:
+        tracker.finish()
+    assert len(list((tmp_path / "osh").glob("*.command"))) == 1  # and at the end
 
 
 def read_back(run_dir):
@@ -100,6 +175,8 @@ def test_the_offline_run_holds_config_metrics_tables_plots_and_evaluation_summar
     assert summary["evaluation/0/actor/reward_mean"] == evaluation["reward_mean"]
     assert summary["evaluation/0/actor/delta_vs_base/ci_lo"] == evaluation["delta_vs_base"]["ci"][0]
     assert summary["evaluation/base/judge/win"] == 0
+    assert summary["final/round"] == "0" and summary["final/actor/delta_vs_base/mean"] == (
+        evaluation["delta_vs_base"]["mean"])
     (dialogues,) = run_dir.glob("wandb/offline-run-*/files/media/table/tables/dialogues_*.table.json")
     table = json.loads(dialogues.read_text())
     assert len(table["data"]) == turns and {"text", "reward", "wim"} <= set(table["columns"])
@@ -131,13 +208,15 @@ def test_a_multirun_job_is_grouped_by_its_sweep_and_named_by_its_swept_overrides
     HydraConfig.instance().set_config(cfg)
     try:
         job = sweep_job()
-        assert job["group"] == "2026-11-30_20-00-00" and job["swept"] == ["reward.zeta=0.4"] and job["job"] == 1
+        assert job["group"] == "smoke/2026-11-30_20-00-00" and job["swept"] == ["reward.zeta=0.4"] and job["job"] == 1
+        assert job["swept_keys"] == ["reward.zeta"]
         tracker = make_tracker(TrackerConfig(backend="wandb", mode="offline"), sweep_dir / "1", {"seed": 0})
         tracker.finish()
     finally:
         HydraConfig.instance().cfg = None
     config, _, _, run = read_back(sweep_dir / "1")
-    assert run.display_name == "reward.zeta=0.4" and run.run_group == "2026-11-30_20-00-00"
+    assert run.display_name == "reward.zeta=0.4" and run.run_group == "smoke/2026-11-30_20-00-00"
+    assert list(run.tags) == ["reward.zeta"]
     assert config["sweep"]["overrides"] == ["+experiment=smoke", "reward.zeta=0.4"]
 
 
