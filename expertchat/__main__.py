@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from expertchat.config.schema import CONF, register, renamed, to_config
 from expertchat.errors import ExpertChatError, first_line
