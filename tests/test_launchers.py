@@ -245,11 +245,11 @@ def test_a_job_that_does_not_fit_its_cluster_is_refused_before_sbatch(tmp_path):
                                                      ("LLAMA3_8B_PATH", "Meta-Llama-3-8B-Instruct"))}
     for folder in models.values():
         folder.mkdir()  # no config.json: the plan takes the architecture from expertchat/engine/architectures.json
-    proc = sweep_cli(tmp_path, "+experiment=mixtral_vs_llama", "+cluster=beluga", "generation.batch_size=1,4",
+    proc = sweep_cli(tmp_path, "+experiment=mixtral_vs_llama", "+cluster=beluga", "generation.batch_size=3,8",
                      SLURM_ACCOUNT="def-someone", **{k: str(v) for k, v in models.items()})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("expertchat: error: sweep refused before queueing: job 0 "
-                                  "(generation.batch_size=1) does not fit hardware=beluga: the plan needs ")
+    assert proc.stderr.startswith("expertchat: error: sweep refused before queueing: job 1 "
+                                  "(generation.batch_size=8) does not fit hardware=beluga: the plan needs ")
     assert "GB per GPU of 16.9" in proc.stderr and proc.stderr.strip().endswith("nothing was queued")
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "submitted.sh").exists()
 
