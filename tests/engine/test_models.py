@@ -203,3 +203,17 @@ def test_the_output_head_gets_a_contiguous_input(smol_tokenizer):
         out = model(torch.tensor([[1, 20, 300, 4000]]), logits_to_keep=1)
     assert seen == [True] and out.logits.shape[1] == 1
     assert len(model.lm_head._forward_pre_hooks) == 2
+
+
+def test_bf16_on_a_cpu_only_where_the_hardware_has_it():
+    """oneDNN reports bf16 on AVX512 CPUs that only emulate it (a DPO step 2.5x slower than fp32 there):
+    ``dtype: auto`` takes bf16 only with AVX512-BF16 or AMX-BF16."""
+    import torch
+
+    from expertchat.engine.models import cpu_supports_bf16
+
+    onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert cpu_supports_bf16("processor : 0\nflags : fpu sse avx2 avx512f avx512bw\n") is False
+    assert cpu_supports_bf16("flags : fpu avx512f avx512_bf16\n") is onednn
+    assert cpu_supports_bf16("flags : fpu amx_bf16 amx_tile\n") is onednn
+    assert cpu_supports_bf16("") is False
