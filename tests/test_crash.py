@@ -50,9 +50,10 @@ def run_to_end(run_dir: Path, tmpdir: Path, log: Path) -> str:
     return text
 
 
-def run_and_kill(run_dir: Path, tmpdir: Path, log: Path, reached, what: str) -> float:
-    """Start the run, poll its folder until ``reached(run_dir)``, SIGKILL it; returns the seconds it ran.
-    Fails when the run ends (or times out) before the kill point: a missed kill point proves nothing."""
+def run_and_kill(run_dir: Path, tmpdir: Path, log: Path, reached, what: str, sig: int = signal.SIGKILL) -> float:
+    """Start the run, poll its folder until ``reached(run_dir)``, send it ``sig`` (SIGKILL) and wait for its end;
+    returns the seconds it ran. Fails when the run ends (or times out) before the kill point: a missed kill point
+    proves nothing; and when the process did not end by ``sig``."""
     with log.open("w") as out:
         proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=environment(tmpdir), stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -66,12 +67,13 @@ def run_and_kill(run_dir: Path, tmpdir: Path, log: Path, reached, what: str) -> 
                 if time.monotonic() - start > RUN_TIMEOUT_S:
                     pytest.fail(f"kill point {what} not reached in {RUN_TIMEOUT_S} s")
                 time.sleep(POLL_S)
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
+            proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"kill point {what}: the run was not killed ({proc.returncode})"
+    assert proc.returncode == -sig, f"kill point {what}: the run did not end by {sig!r} ({proc.returncode})"
     return time.monotonic() - start
 
 
@@ -259,32 +261,11 @@ def test_begin_counts_what_it_sets_aside_and_leftovers_are_removed(tmp_path):
 # ------------------------------------------------------------------- signals, random kills, two writers at once
 
 
-def run_and_signal(run_dir: Path, tmpdir: Path, log: Path, reached, sig: int, what: str) -> subprocess.Popen:
-    """Start the run, poll until ``reached(run_dir)``, send ``sig`` and wait for the process to end."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=environment(tmpdir), stdout=out,
-                                stderr=subprocess.STDOUT)
-        start = time.monotonic()
-        try:
-            while not reached(run_dir):
-                assert proc.poll() is None, f"missed {what}: the run exited ({proc.returncode}) before it"
-                assert time.monotonic() - start < RUN_TIMEOUT_S, f"{what} not reached in {RUN_TIMEOUT_S} s"
-                time.sleep(POLL_S)
-            os.kill(proc.pid, sig)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return proc
-
-
 def test_sigterm_is_recorded_with_its_stage_and_the_rerun_resumes(reference, tmp_path):
     """The case sigterm-status-running: scancel, the time limit and preemption send SIGTERM; status.json and the log
     say so (never "running" forever), the process still ends by SIGTERM (exit 143 in a shell), a rerun resumes."""
     run_dir, tmpdir = tmp_path / "run", tmp_path / "tmp"
-    proc = run_and_signal(run_dir, tmpdir, tmp_path / "term.log", during_rating, signal.SIGTERM, "rating")
-    assert proc.returncode == -signal.SIGTERM
+    run_and_kill(run_dir, tmpdir, tmp_path / "term.log", during_rating, "rating", sig=signal.SIGTERM)  # exit by it
     status = json.loads((run_dir / "status.json").read_text())
     expected = ("interrupted by SIGTERM (scancel, the time limit or preemption) at round 0 rating: rerun into the "
                 "same folder to resume from the last completed stage")
