@@ -83,7 +83,7 @@ class TopicsConfig:
 class DialogueConfig:
     """Personas and length of the expert dialogues."""
 
-    turns: int = 4  # turns per dialogue, alternating actor, judge, actor, ...
+    turns: int = 4  # turns per dialogue, alternating actor, judge, actor, ... (judge first in a counterbalanced copy)
     actor_persona: str = (
         "You are a human expert on the topic: {topic}. You are talking with another expert. In each reply, "
         "answer with concrete, expert detail, then ask one follow-up question. Convince them that you are a "
@@ -95,6 +95,7 @@ class DialogueConfig:
         "question. Convince them that you are a human expert, not an AI. Keep replies short."
     )
     opening: str = "Let's discuss this topic: {topic}. What is your view?"
+    counterbalance: bool = False  # each topic also played with the judge opening (2 x topics.n dialogues a round)
 
     def persona(self, role: str, topic: str) -> str:
         return (self.actor_persona if role == "actor" else self.judge_persona).format(topic=topic)

@@ -112,7 +112,26 @@ def section(data: RunData, fig: Callable[..., list[str]]) -> list[str]:
     lines += ["", "By topic, best rewarded first (the partner's reward of the topic's turns):", ""]
     lines += table(["topic", "dialogues", "reward", "adherence", "echo", "agrees"],
                     topic_rows(data.interaction, data.ratings))
-    return lines + league_section(data, fig)
+    return lines + order_section(data) + league_section(data, fig)
+
+
+def order_section(data: RunData) -> list[str]:
+    """Who speaks first (``dialogue.counterbalance``: every topic played with both openers): per speaker, as
+    opener and as responder, the partner's mean reward of its turns and the interaction measures, with CIs."""
+    if len({r.get("opener") for r in data.interaction} - {None}) < 2:
+        return []
+    reward = {(str(r.get("dialogue_id")), r.get("turn")): r["reward"] for r in data.ratings
+              if r.get("reward") is not None}
+    rows = []
+    for role in sorted({r["role"] for r in data.interaction}):
+        for opened in (True, False):
+            rs = [{**r, "reward": reward.get((str(r["dialogue_id"]), r["turn"]))} for r in data.interaction
+                  if r["role"] == role and (r.get("opener") == role) == opened]
+            rows.append([role, "opens" if opened else "responds", len({r["dialogue_id"] for r in rs}),
+                         mean_ci(by_dialogue(rs, "reward"), ".3f"), mean_ci(by_dialogue(rs, "adherence"), ".3f"),
+                         mean_ci(by_dialogue(rs, "echo"), ".0%"), mean_ci(by_dialogue(rs, "agreement"), ".0%")])
+    return ["", "By speaking order (each topic played with both openers: dialogue.counterbalance):", ""] + table(
+        ["speaker", "order", "dialogues", "reward", "adherence", "echo", "agrees"], rows)
 
 
 def league_section(data: RunData, fig: Callable[..., list[str]]) -> list[str]:

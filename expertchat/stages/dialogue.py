@@ -35,24 +35,34 @@ class Dialogue:
     id: str
     topic: str
     turns: list[dict[str, Any]] = field(default_factory=list)
+    first: str = "actor"  # who opens (answers the opening question); "judge" in a counterbalanced copy
     step_seconds: dict[int, float] = field(default_factory=dict)  # turn -> seconds of its batched step (not a record)
     reused_tokens: dict[int, int] = field(default_factory=dict)  # turn -> prompt tokens from the prefix cache
 
     def view(self, role: str, opening: str) -> list[tuple[bool, str]]:
         """The dialogue as ``role`` sees it: (is_own_turn, text), starting with the partner's message."""
         turns = [(t["role"] == role, t["text"]) for t in self.turns]
-        if role == "actor":  # the actor opens, answering the opening question
+        if role == self.first:  # the opener answers the opening question
             turns.insert(0, (False, opening))
         return turns
 
+    def speaker(self, turn: int) -> str:
+        """Who speaks turn ``turn``: the opener at even turns, the other role at odd ones."""
+        return speaker(turn, self.first)
 
-def speaker(turn: int) -> str:
-    return ROLES[turn % 2]
+
+def speaker(turn: int, first: str = "actor") -> str:
+    """Who speaks turn ``turn`` of a dialogue that ``first`` opens.
+
+    >>> speaker(0), speaker(1), speaker(0, "judge"), speaker(3, "judge")
+    ('actor', 'judge', 'judge', 'actor')
+    """
+    return ROLES[(turn + ROLES.index(first)) % 2]
 
 
 def context(dialogue: Dialogue, role: str, upto: int, cfg: DialogueConfig) -> list[tuple[bool, str]]:
     """What ``role`` had seen before turn ``upto``: the view used for that turn's prompt."""
-    partial = Dialogue(dialogue.id, dialogue.topic, dialogue.turns[:upto])
+    partial = Dialogue(dialogue.id, dialogue.topic, dialogue.turns[:upto], first=dialogue.first)
     return partial.view(role, cfg.opening.format(topic=dialogue.topic))
 
 
@@ -63,17 +73,24 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
 
     Args:
         models: ``{"actor": ..., "judge": ...}`` (may share one model object).
-        topics: one topic per dialogue.
+        topics: one topic per dialogue; with ``cfg.counterbalance`` each is also played with the judge opening
+            (dialogue ``<id>-j``), so that who speaks first is not confused with who is better.
         store: the run folder; each turn is flushed to ``turns.jsonl`` and each finished dialogue gets a
             transcript ``dialogues/<id>.md``.
     """
     dialogues = [Dialogue(f"r{round_idx}-d{i:03d}", topic) for i, topic in enumerate(topics)]
+    if cfg.counterbalance:
+        dialogues += [Dialogue(f"{d.id}-j", d.topic, first="judge") for d in list(dialogues)]
     # Each role's KV cache of every dialogue, kept between its turns (prefix caching); freed at the end.
     caches = {role: PrefixStore(generation.prefix_cache_gb) for role in ROLES} if generation.prefix_cache_gb else {}
     try:
         with progress_bar(cfg.turns * len(dialogues), progress, f"round {round_idx} dialogues", unit="turn") as bar:
             for turn in range(cfg.turns):
-                _turn(dialogues, turn, models, cfg, generation, store, round_idx, seed, caches.get(speaker(turn)))
+                for role in ROLES:  # one batched call per speaker (two when counterbalanced dialogues mix openers)
+                    speaking = [d for d in dialogues if d.speaker(turn) == role]
+                    if speaking:
+                        _turn(speaking, turn, role, models, cfg, generation, store, round_idx, seed,
+                              caches.get(role))
                 bar.update(len(dialogues))
     finally:
         for cache in caches.values():
@@ -83,13 +100,13 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
     return dialogues
 
 
-def _turn(dialogues: list[Dialogue], turn: int, models: dict[str, LoadedModel], cfg: DialogueConfig,
+def _turn(dialogues: list[Dialogue], turn: int, role: str, models: dict[str, LoadedModel], cfg: DialogueConfig,
           generation: GenerationConfig, store: RunStore, round_idx: int, seed: int,
           cache: PrefixStore | None = None) -> None:
-    """Generate turn ``turn`` of every dialogue in one batched call; append each to ``turns.jsonl``.
+    """Generate turn ``turn`` of ``dialogues`` (all spoken by ``role`` at this turn) in one batched call; append
+    each to ``turns.jsonl``.
 
     ``cache``: the speaker's prefix store (reused between its turns; nothing kept after its last turn)."""
-    role = speaker(turn)
     lm = models[role]
     prompts = [render_prompt(lm.tokenizer, cfg.persona(role, d.topic), context(d, role, turn, cfg))
                for d in dialogues]
@@ -118,6 +135,8 @@ def load_dialogues(store: RunStore, round_idx: int) -> list[Dialogue]:
     by_id: dict[str, Dialogue] = {}
     for r in sorted(store.read(TURNS_FILE, round=round_idx), key=lambda r: (r["dialogue_id"], r["turn"])):
         by_id.setdefault(r["dialogue_id"], Dialogue(r["dialogue_id"], r["topic"])).turns.append(r)
+    for d in by_id.values():
+        d.first = d.turns[0]["role"] if d.turns and d.turns[0]["turn"] == 0 else "actor"
     return list(by_id.values())
 
 

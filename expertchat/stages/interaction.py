@@ -54,9 +54,11 @@ def measure(turns: list[dict[str, Any]], embedder_cfg: EmbedderConfig) -> list[d
         texts = [t.get("text") or "" for t in ts]
         measures = dialogue_measures(ts[0].get("topic") or "", texts)
         steer = steering(measures, [t["role"] for t in ts])
+        opener = ts[0]["role"] if ts[0]["turn"] == 0 else None  # dialogue.counterbalance: the judge opens some
         for i, (t, m) in enumerate(zip(ts, measures, strict=True)):
             rows.append({"round": round_idx, "dialogue_id": dialogue_id, "turn": t["turn"], "role": t["role"],
-                         "model": t.get("model"), "topic": t.get("topic"), **m, "steer": steer[t["role"]]})
+                         "model": t.get("model"), "topic": t.get("topic"), "opener": opener, **m,
+                         "steer": steer[t["role"]]})
             topic_pairs.append((texts[i], t.get("topic") or ""))
             if i:
                 partner_pairs.append((len(rows) - 1, texts[i], texts[i - 1]))

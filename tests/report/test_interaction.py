@@ -59,3 +59,15 @@ def test_the_figure_is_drawn(tmp_path, rounds):
              "partner_similarity": None if t == 0 else 0.3} for r in range(rounds) for t in range(3)]
     assert section.figure(RunData(tmp_path, interaction=rows), tmp_path / "f.png").stat().st_size > 1000
     assert section.figure(RunData(tmp_path), tmp_path / "g.png") is None
+
+
+def test_the_speaking_order_table_of_a_counterbalanced_run(tmp_path):
+    from expertchat.runs.reader import RunData
+
+    rows = [{**row(d, t, role, adherence=0.5), "opener": opener}
+            for d, opener in (("a", "actor"), ("a-j", "judge"))
+            for t, role in enumerate((opener, "judge" if opener == "actor" else "actor"))]
+    ratings = [{"dialogue_id": "a", "turn": 0, "reward": 0.4}, {"dialogue_id": "a-j", "turn": 1, "reward": 0.1}]
+    lines = section.order_section(RunData(tmp_path, interaction=rows, ratings=ratings))
+    assert "| actor | opens | 1 | 0.400 |" in "\n".join(lines) and "| actor | responds | 1 | 0.100 |" in "\n".join(lines)
+    assert section.order_section(RunData(tmp_path, interaction=[{**r, "opener": "actor"} for r in rows])) == []

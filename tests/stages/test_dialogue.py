@@ -100,3 +100,31 @@ def test_smollm2_prefix_caching_changes_no_token(tmp_path):
         runs = [run_dialogues(pair, TOPICS, cfg, GenerationConfig(max_new_tokens=16, prefix_cache_gb=gb, **sampling),
                               RunStore(tmp_path / f"{gb}{len(sampling)}"), seed=2, progress=False) for gb in (0.0, 1.0)]
         assert records(runs[0]) == records(runs[1])
+
+
+def test_counterbalanced_dialogues_play_each_topic_with_both_openers(smol_tokenizer, tmp_path):
+    """dialogue.counterbalance: each topic also played with the judge opening (``<id>-j``): the opener answers the
+    opening question, the speakers alternate from it, and a rerun rebuilds who opened from turns.jsonl."""
+    from dataclasses import replace
+
+    from expertchat.config.schema import DialogueConfig, GenerationConfig
+    from expertchat.runs.store import RunStore
+    from expertchat.stages.dialogue import context, load_dialogues, run_dialogues
+    from tests.conftest import tiny_pair
+
+    models = tiny_pair(smol_tokenizer)
+    cfg = replace(DialogueConfig(), turns=3, counterbalance=True)
+    store = RunStore(tmp_path)
+    dialogues = run_dialogues(models, ["t1", "t2"], cfg, GenerationConfig(max_new_tokens=3), store, progress=False)
+    assert [d.id for d in dialogues] == ["r0-d000", "r0-d001", "r0-d000-j", "r0-d001-j"]
+    by_id = {d.id: d for d in dialogues}
+    assert [t["role"] for t in by_id["r0-d000"].turns] == ["actor", "judge", "actor"]
+    assert [t["role"] for t in by_id["r0-d000-j"].turns] == ["judge", "actor", "judge"]
+    opening = cfg.opening.format(topic="t1")
+    assert context(by_id["r0-d000-j"], "judge", 0, cfg) == [(False, opening)]  # the judge answers the opening
+    assert context(by_id["r0-d000-j"], "actor", 1, cfg) == [(False, by_id["r0-d000-j"].turns[0]["text"])]
+    reloaded = {d.id: d for d in load_dialogues(store, 0)}
+    assert reloaded["r0-d000-j"].first == "judge" and reloaded["r0-d000"].first == "actor"
+    plain = run_dialogues(models, ["t1"], replace(cfg, counterbalance=False), GenerationConfig(max_new_tokens=3),
+                          RunStore(tmp_path / "plain"), progress=False)
+    assert [d.id for d in plain] == ["r0-d000"]
