@@ -69,5 +69,6 @@ def test_the_speaking_order_table_of_a_counterbalanced_run(tmp_path):
             for t, role in enumerate((opener, "judge" if opener == "actor" else "actor"))]
     ratings = [{"dialogue_id": "a", "turn": 0, "reward": 0.4}, {"dialogue_id": "a-j", "turn": 1, "reward": 0.1}]
     lines = section.order_section(RunData(tmp_path, interaction=rows, ratings=ratings))
-    assert "| actor | opens | 1 | 0.400 |" in "\n".join(lines) and "| actor | responds | 1 | 0.100 |" in "\n".join(lines)
+    text = "\n".join(lines)
+    assert "| actor | opens | 1 | 0.400 |" in text and "| actor | responds | 1 | 0.100 |" in text
     assert section.order_section(RunData(tmp_path, interaction=[{**r, "opener": "actor"} for r in rows])) == []
