@@ -71,13 +71,12 @@ def read_before_models(cfg: TopicsConfig, store: RunStore, count: int, seed: int
     if store.path(TOPICS_FILE).exists():
         recorded_topics(store)  # checked before any model loads
         return None
-    if store.read("turns.jsonl"):
+    topics = None if cfg.source == "generated" else load_topics(cfg, count, seed=seed, exclude=exclude)
+    if store.read("turns.jsonl"):  # after the topics config is checked: a bad option is said first
         raise ExpertChatError(f"{store.path(TOPICS_FILE)} is gone but turns.jsonl holds dialogues held on the "
                               f"topics it listed: restore it from a copy of the folder, or run into a new folder "
                               f"(topics chosen anew could differ from those of the dialogues)")
-    if cfg.source == "generated":
-        return None
-    return load_topics(cfg, count, seed=seed, exclude=exclude)
+    return topics
 
 
 def recorded_topics(store: RunStore) -> list[str]:
