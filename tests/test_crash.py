@@ -290,28 +290,35 @@ FAULT_SEED = int(os.environ.get("EXPERTCHAT_FAULT_SEED", "2026"))
 
 
 def inject_faults(run_dir: Path, tmpdir: Path, logs: Path, n: int, seed: int, span_s: float) -> list[str]:
-    """Kill the run into ``run_dir`` ``n`` times at random moments (SIGKILL or SIGTERM, after a uniform delay in
-    [0.5, ``span_s``] s, seeded), each time rerunning into the same folder; returns what happened, one line each."""
+    """Kill the run into ``run_dir`` ``n`` times (SIGKILL or SIGTERM, seeded), each time rerunning into the same
+    folder. The kill moments are ``n`` uniform draws over ``span_s`` (an uninterrupted run's seconds), sorted: attempt
+    ``i`` works for the slice between draws ``i-1`` and ``i``, counted from the moment it holds the folder's lock
+    (after imports and Hydra), so that the kills land across the whole run, not only after it finished. Returns what
+    happened, one line each."""
     import random
 
     rng = random.Random(seed)
+    moments = sorted(rng.uniform(0.0, span_s) for _ in range(n))
     said = []
-    for i in range(n):
+    for i, (before, at) in enumerate(zip([0.0, *moments], moments)):
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        delay = rng.uniform(0.5, span_s)
         with (logs / f"fault{i}.log").open("w") as out:
             proc = subprocess.Popen(command(run_dir), cwd=ROOT, env=environment(tmpdir), stdout=out,
                                     stderr=subprocess.STDOUT)
+            start = time.monotonic()
+            while not (run_dir / ".lock").exists() and proc.poll() is None and time.monotonic() - start < 120:
+                time.sleep(POLL_S)
             try:
-                proc.wait(timeout=delay)
-                said.append(f"{i}: ended ({proc.returncode}) before its {signal.Signals(sig).name} at {delay:.1f} s")
+                proc.wait(timeout=max(at - before, 0.05))
+                said.append(f"{i}: ended ({proc.returncode}) before its {signal.Signals(sig).name}")
                 assert proc.returncode == 0, (logs / f"fault{i}.log").read_text()[-2000:]
             except subprocess.TimeoutExpired:
                 proc.send_signal(sig)
                 proc.wait(timeout=120)
                 stage = json.loads((run_dir / "status.json").read_text()).get("stage") \
                     if (run_dir / "status.json").exists() else None
-                said.append(f"{i}: {signal.Signals(sig).name} at {delay:.1f} s (stage: {stage}) -> {proc.returncode}")
+                said.append(f"{i}: {signal.Signals(sig).name} {at - before:.1f} s into its work (stage: {stage}) "
+                            f"-> {proc.returncode}")
                 assert proc.returncode in (-sig, 0), (logs / f"fault{i}.log").read_text()[-2000:]
     return said
 

@@ -160,14 +160,9 @@ def native_bf16() -> bool:
 
 @lru_cache(maxsize=1)
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU computes bf16 matmuls in hardware: oneDNN supports bf16 here AND, on Linux, the CPU has
-    AVX512-BF16 or AMX-BF16 (``/proc/cpuinfo`` flags; ``cpuinfo``: that text, for tests). oneDNN also reports bf16
-    on AVX512 CPUs without them, where it emulates bf16: measured on such a Xeon (2 cores), one DPO step took 20.6 s
-    in bf16 against 8.2 s in fp32, so ``dtype: auto`` picks fp32 there.
-
-    >>> cpu_supports_bf16("flags : fpu avx512f avx512bw")  # AVX512 without BF16: emulated, so no
-    False
-    """
+    """True when oneDNN supports bf16 AND, on Linux, the CPU has AVX512-BF16 or AMX-BF16 (``cpuinfo``: the text of
+    ``/proc/cpuinfo``, for tests). On plain AVX512 oneDNN emulates bf16: a DPO step took 20.6 s against 8.2 s in fp32
+    on such a Xeon (2 cores), so ``dtype: auto`` picks fp32 there."""
     import torch
 
     try:
