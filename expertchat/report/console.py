@@ -155,6 +155,11 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append("  rating      " + "; ".join(
             f"{role} score {fmt(m['score_mean'], 2)} reward {fmt(m['reward_mean'])} (by {m['rater']})"
             for role, m in rated.items()))
+    speakers = (summary.get("interaction") or {}).get("speakers", {})
+    if speakers:
+        out.append("  interaction " + "; ".join(
+            f"{role} echo {fmt(m.get('echo'), 2)}, agrees {fmt(m.get('agreement'), 2)}, topic adherence "
+            f"{fmt(m.get('adherence'), 2)} (drift {fmt(m.get('drift'), 2)})" for role, m in speakers.items()))
     roles = (summary.get("training") or {}).get("roles", {})
     trained = {role: m for role, m in roles.items() if "steps" in m}
     if trained:
@@ -166,7 +171,7 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append("  evaluation  " + "; ".join(
             f"{role} held-out reward {fmt(m['reward_mean'])}, vs base {fmt((m['delta_vs_base'] or {}).get('mean'))} "
             f"(win-rate {fmt(m['win_rate'], 2)})" for role, m in evaluated.items()))
-    out.append(f"  run folder  {root} (report.md, turns.jsonl, ratings.jsonl, train_metrics.jsonl, "
+    out.append(f"  run folder  {root} (report.md, turns.jsonl, ratings.jsonl, interaction.jsonl, train_metrics.jsonl, "
                f"rewards_by_round.json, eval.jsonl, expertchat.log)")
     if trained:
         out.append(f"  adapters    {root}/adapters/round_{rounds - 1}/{{{','.join(trained)}}}")

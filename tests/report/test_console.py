@@ -102,3 +102,14 @@ def test_dpo_steps_show_the_current_reward(no_terminal, caplog):
         progress.on_train_end(None, state, None)
     got = lines(caplog, "training actor")
     assert len(got) == 2 and "reward 0.250" in got[-1] and "masked 50%" in got[-1] and "2/2 steps" in got[-1]
+
+
+def test_the_closing_summary_says_what_the_speakers_did_to_each_other(tmp_path):
+    from expertchat.report.console import summary_lines
+
+    speakers = {"actor": {"echo": 0.17, "agreement": 0.06, "adherence": 0.4, "drift": -0.25},
+                "judge": {"echo": 0.15, "agreement": 0.25, "adherence": 0.3, "drift": None}}
+    lines = summary_lines(tmp_path, 1, {"interaction": {"speakers": speakers}}, 12.0)
+    (line,) = [x for x in lines if x.startswith("  interaction ")]
+    assert line == ("  interaction actor echo 0.17, agrees 0.06, topic adherence 0.40 (drift -0.25); judge echo 0.15, "
+                    "agrees 0.25, topic adherence 0.30 (drift n/a)")
