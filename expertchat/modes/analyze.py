@@ -15,11 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from expertchat.config.schema import ExpertChatConfig, to_config
-from expertchat.errors import ExpertChatError, first_line
+from expertchat.config.schema import ExpertChatConfig
+from expertchat.errors import ExpertChatError
+from expertchat.modes.eval import run_config
 from expertchat.report import markdown as report
 from expertchat.report.tracking import Tracker
 from expertchat.runs.store import CONFIG_FILE, STAGES_DIR, RunStore, parse_marker
@@ -59,17 +57,8 @@ def check(cfg: ExpertChatConfig) -> tuple[ExpertChatConfig, list[int]]:
     if not rounds:
         raise ExpertChatError(f"analysis.run: {folder} holds no dialogues ({TURNS_FILE} has no record of a complete "
                               f"round): give the folder of a run that `python -m expertchat` wrote")
-    run_cfg = cfg
-    if (folder / CONFIG_FILE).is_file():
-        mine = OmegaConf.structured(cfg)
-        try:
-            run_cfg = to_config(OmegaConf.merge(
-                OmegaConf.structured(ExpertChatConfig), OmegaConf.load(folder / CONFIG_FILE),
-                {"tracker": mine.tracker, "progress": cfg.progress, "mode": "analyze", "run_dir": str(folder),
-                 "analysis": mine.analysis}))
-        except OmegaConfBaseException as exc:
-            raise ExpertChatError(f"{folder / CONFIG_FILE} cannot be read as a config of this version: "
-                                  f"{first_line(exc)}") from exc
+    # the recorded config with this command's analysis, tracker and progress (mode=eval's merge); none: older folders
+    run_cfg = run_config(cfg, "analysis.run", own=("analysis",)) if (folder / CONFIG_FILE).is_file() else cfg
     return run_cfg, rounds
 
 
