@@ -1,9 +1,10 @@
 """Statistics and text metrics shared by every room: bootstrap confidence intervals, distinct-n, copied n-grams,
-and the number format of console lines and report cells.
+Bradley-Terry ratings, the length-controlled win rate, rank correlation, detectable effect sizes, and the number
+format of console lines and report cells.
 
-A leaf: it imports only numpy, scipy (inside :func:`bootstrap_ci`) and the standard library, so any module of the
-package may use it. Every function is pure; the doctests run in the test suite (``tests/test_package.py``), and
-``tests/test_stats.py`` checks each function on real values.
+A leaf: it imports only numpy, the standard library, and scipy, statsmodels and choix inside the functions that use
+them, so any module of the package may use it. Every function is pure; the doctests run in the test suite
+(``tests/test_package.py``), and ``tests/test_stats.py`` checks each function on real values.
 """
 
 from __future__ import annotations
@@ -192,6 +193,120 @@ def bradley_terry(n_items: int, comparisons: Sequence[tuple[int, int, Hashable]]
     lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
     return ([round(float(x), 6) for x in strengths],
             [(round(float(a), 6), round(float(b), 6)) for a, b in zip(lo, hi, strict=True)])
+
+# ------------------------------------------------------------------------------- verdicts and agreement
+
+
+def length_controlled_win_rate(outcomes: Sequence[float], length_diff: Sequence[float], resamples: int = 1000,
+                               seed: int = 0, digits: int = 5
+                               ) -> tuple[float | None, tuple[float, float] | None]:
+    """The length-controlled win rate of AlpacaEval 2 (Dubois et al. 2024, "Length-Controlled AlpacaEval: A Simple
+    Way to Debias Automatic Evaluators", section 3): a logistic GLM of the outcome on the normalized length
+    difference, ``logit P(win) = theta_0 + theta_1 * tanh(dlen / sd(dlen))``, fitted by ``statsmodels.api.Logit``
+    (maximum likelihood; a tie is the fractional outcome 0.5, a quasi-likelihood fit with the estimates of the
+    Binomial GLM at a third of its cost), and the win rate it predicts
+    at equal lengths, ``sigmoid(theta_0)``; with a 95% percentile bootstrap CI over the pairs (each resample
+    refitted).
+
+    Args:
+        outcomes: ``[N]`` each pair's result for the model compared: 1 win, 0.5 tie, 0 loss.
+        length_diff: ``[N]`` its answer's length minus the other's (tokens).
+        resamples: bootstrap resamples (``<= 0``: no interval).
+
+    Returns:
+        ``(rate, (low, high))``; ``(None, None)`` for fewer than 2 pairs or a fit that does not converge (the
+        outcome is perfectly separated by length: no length-free rate exists); the rate itself when every outcome
+        is the same.
+
+    >>> length_controlled_win_rate([1, 0, 1, 0.5, 1, 0], [10, 12, -5, 0, 3, -8], resamples=0)
+    (0.57387, None)
+    >>> length_controlled_win_rate([1, 1, 0, 0], [5, 3, -2, -4], resamples=0)  # longer always wins: separated
+    (None, None)
+    """
+    y, d = np.asarray(outcomes, dtype=float), np.asarray(length_diff, dtype=float)
+    if len(y) < 2:
+        return None, None
+    rate = _lc_fit(y, d)
+    if rate is None or resamples <= 0:
+        return (None if rate is None else round(rate, digits)), None
+    rng = np.random.default_rng(seed)
+    draws = [_lc_fit(y[k], d[k]) for k in rng.integers(0, len(y), (resamples, len(y)))]
+    kept = np.array([x for x in draws if x is not None])
+    if len(kept) < resamples / 2:
+        return round(rate, digits), None
+    lo, hi = np.percentile(kept, [2.5, 97.5])
+    return round(rate, digits), (round(float(lo), digits), round(float(hi), digits))
+
+
+def _lc_fit(y: np.ndarray, d: np.ndarray) -> float | None:
+    """``sigmoid(theta_0)`` of :func:`length_controlled_win_rate`'s GLM on one sample (``None``: no convergence)."""
+    import statsmodels.api as sm
+
+    if np.all(y == y[0]):
+        return float(y[0])
+    sd = float(d.std())
+    x = np.column_stack([np.ones_like(d)] + ([np.tanh(d / sd)] if sd > 0 else []))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # statsmodels warns on fractional outcomes and on (near) separation
+        try:
+            fit = sm.Logit(y, x).fit(disp=0)
+        except Exception:  # noqa: BLE001 - statsmodels raises PerfectSeparationError and LinAlgError alike
+            return None
+    theta0 = float(fit.params[0])
+    if not fit.mle_retvals.get("converged", False) or not math.isfinite(theta0) or abs(theta0) > 30:
+        return None
+    return 1.0 / (1.0 + math.exp(-theta0))
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], resamples: int = 1000, seed: int = 0,
+                     digits: int = 4) -> tuple[float | None, tuple[float, float] | None]:
+    """Spearman's rank correlation of paired ``x`` and ``y`` (``scipy.stats.spearmanr``) with a 95% percentile
+    bootstrap CI over the pairs (``scipy.stats.bootstrap``, ``paired=True``).
+
+    Returns:
+        ``(rho, (low, high))``; ``(None, None)`` for fewer than 3 pairs or a constant side (no ranking).
+
+    >>> rank_correlation([1, 2, 3, 4], [10, 20, 30, 45], resamples=0), rank_correlation([1, 1, 1], [1, 2, 3])
+    ((1.0, None), (None, None))
+    """
+    from scipy.stats import bootstrap, spearmanr
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None, None
+    rho = float(spearmanr(a, b).statistic)
+    if resamples <= 0:
+        return round(rho, digits), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample with a constant side gives NaN: dropped below
+        res = bootstrap((a, b), lambda u, v: spearmanr(u, v).statistic, paired=True, vectorized=False,
+                        n_resamples=resamples, method="percentile", rng=np.random.default_rng(seed))
+    dist = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
+    if len(dist) < resamples / 2:
+        return round(rho, digits), None
+    lo, hi = np.percentile(dist, [2.5, 97.5])
+    return round(rho, digits), (round(float(lo), digits), round(float(hi), digits))
+
+
+def detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """The smallest mean paired difference a two-sided one-sample t-test on ``n`` pairs detects with ``power`` at
+    level ``alpha``, given the differences' standard deviation ``sd`` (in ``sd``'s units): Cohen's d from
+    ``statsmodels.stats.power.TTestPower().solve_power`` times ``sd`` (Cohen 1988, "Statistical Power Analysis
+    for the Behavioral Sciences", ch. 2). ``None`` for ``n < 2`` or ``sd`` not finite.
+
+    >>> round(detectable_effect(1.0, 80), 3), round(detectable_effect(1.0, 8), 3), detectable_effect(1.0, 1)
+    (0.317, 1.156, None)
+    """
+    from statsmodels.stats.power import TTestPower
+
+    if n < 2 or not math.isfinite(sd):
+        return None
+    if sd == 0:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
+    return float(np.atleast_1d(d)[0]) * sd
 
 
 # ---------------------------------------------------------------------------------------------- format

@@ -16,7 +16,8 @@ MODULES = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in sorte
 
 # The rooms, bottom to top: a module imports only from its own room or the rooms below it (README, Layout).
 FLOORS = [
-    {"expertchat.errors", "expertchat.stats", "expertchat.interaction"},  # leaves: errors; statistics, text metrics
+    {"expertchat.errors", "expertchat.stats", "expertchat.interaction", "expertchat.audit"},  # leaves: errors;
+    # statistics, text metrics; what the speakers did to each other; the judge audit's statistics
     {"expertchat.config"},  # the typed schema
     {"expertchat.runs"},  # run folders and inputs
     {"expertchat.engine"},  # models, KV caches, decoding

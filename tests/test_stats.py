@@ -158,3 +158,60 @@ def test_bradley_terry_recovers_known_strengths_with_intervals_over_groups():
     for s, ci, t in zip(strengths, cis, truth):
         assert abs(s - t) < 0.35 and ci[0] <= t <= ci[1]
     assert bradley_terry(2, [(1, 0, "a")], resamples=100)[1] == [None, None]  # one group: no interval
+
+
+# ------------------------------------------------------------------------------- verdicts and agreement
+
+
+def test_length_controlled_win_rate_removes_a_win_rate_that_only_length_buys():
+    from expertchat.stats import length_controlled_win_rate
+
+    rng = np.random.default_rng(0)
+    d = rng.normal(25, 20, 600)  # the compared model's answers are mostly longer
+    p = 1 / (1 + np.exp(-2.5 * np.tanh(d / d.std())))  # and it wins only by length: theta_0 = 0
+    y = (rng.random(600) < p).astype(float)
+    assert y.mean() > 0.75
+    lc, ci = length_controlled_win_rate(y, d, 300, 1)
+    assert abs(lc - 0.5) < 0.08 and ci[0] < 0.5 < ci[1] and ci[1] < y.mean()
+
+
+def test_length_controlled_win_rate_keeps_a_real_win_rate_and_is_the_glm_fit():
+    import statsmodels.api as sm
+
+    from expertchat.stats import length_controlled_win_rate
+
+    rng = np.random.default_rng(2)
+    d = rng.normal(0, 20, 400)
+    y = (rng.random(400) < 1 / (1 + np.exp(-(1.0 + 0.5 * np.tanh(d / d.std()))))).astype(float)
+    y[:40] = 0.5  # ties count half
+    lc, _ = length_controlled_win_rate(y, d, resamples=0)
+    glm = sm.GLM(y, np.column_stack([np.ones(400), np.tanh(d / d.std())]), family=sm.families.Binomial()).fit()
+    assert lc == pytest.approx(1 / (1 + math.exp(-glm.params[0])), abs=1e-4)
+    assert abs(lc - 1 / (1 + math.exp(-1.0))) < 0.06
+    # no length difference at all: the plain win rate
+    assert length_controlled_win_rate([1, 0, 1, 1, 0.5], [0] * 5, resamples=0) == (0.7, None)
+    assert length_controlled_win_rate([1.0], [3], resamples=0) == (None, None)
+
+
+def test_rank_correlation_is_spearmans_with_a_paired_interval():
+    from scipy.stats import spearmanr
+
+    from expertchat.stats import rank_correlation
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=60)
+    y = x + rng.normal(scale=1.0, size=60)
+    rho, ci = rank_correlation(x, y, 1000, 0)
+    assert rho == pytest.approx(spearmanr(x, y).statistic, abs=1e-4) and ci[0] < rho < ci[1]
+    assert 0.4 < rho < 0.9 and ci[1] - ci[0] < 0.5
+    assert rank_correlation(x, -x, 200, 0)[0] == -1.0
+    assert rank_correlation(x, rng.normal(size=60), 500, 0)[1][0] < 0.3
+
+
+def test_detectable_effect_is_the_t_test_power_solution():
+    from expertchat.stats import detectable_effect
+
+    # large n: the normal approximation (z_0.975 + z_0.8) sd / sqrt(n)
+    assert detectable_effect(2.0, 2000) == pytest.approx((1.959964 + 0.841621) * 2.0 / math.sqrt(2000), rel=0.01)
+    assert detectable_effect(1.0, 8) > detectable_effect(1.0, 80) > detectable_effect(1.0, 800)
+    assert detectable_effect(0.0, 10) == 0.0 and detectable_effect(1.0, 1) is None

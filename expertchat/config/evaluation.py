@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from expertchat.config.model import ModelConfig
-from expertchat.errors import check
+from expertchat.errors import ExpertChatError, check
 
 
 @dataclass
@@ -23,6 +23,51 @@ class LmEvalConfig:
     def __post_init__(self) -> None:
         check(self.limit is None or self.limit > 0, "evaluation.lm_eval.limit", "must be > 0")
         check(self.batch_size > 0, "evaluation.lm_eval.batch_size", "must be > 0")
+
+
+@dataclass
+class PairwiseConfig:
+    """``evaluation.pairwise.*``: the frozen judge compares a round's answer with the base answer to the same prompt
+    in both orders (MT-Bench's pairwise judge, Zheng et al. 2023), reading its verdict from the next-token
+    probabilities of the two choice letters after ``verdict_prefix`` (no parse failure)."""
+
+    enabled: bool = True
+    system: str = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
+                   "assistants to the user question displayed below. Choose the assistant that follows the user's "
+                   "instructions and answers the user's question better. Avoid any position biases and ensure "
+                   "that the order in which the responses were presented does not influence your decision. Do not "
+                   "allow the length of the responses to influence your evaluation.")
+    prompt: str = ("[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{answer_a}\n"
+                   "[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{answer_b}\n"
+                   "[The End of Assistant B's Answer]\n\nWhich assistant's answer is better? Output your final "
+                   'verdict by strictly following this format: "[[A]]" if assistant A is better, "[[B]]" if '
+                   "assistant B is better.")
+    verdict_prefix: str = "Verdict: [["
+    choices: list[str] = field(default_factory=lambda: ["A", "B"])
+
+    def __post_init__(self) -> None:
+        try:
+            self.prompt.format(question="x", answer_a="x", answer_b="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ExpertChatError(f"config error: evaluation.pairwise.prompt may only use the placeholders "
+                                  f"{{question}}, {{answer_a}}, {{answer_b}} (found {exc!r})") from None
+        check(all(f"{{{k}}}" in self.prompt for k in ("question", "answer_a", "answer_b")),
+              "evaluation.pairwise.prompt", "must contain {question}, {answer_a} and {answer_b}")
+        check(len(self.choices) == 2 and len(set(self.choices)) == 2 and all(c.strip() for c in self.choices),
+              "evaluation.pairwise.choices", f"is {list(self.choices)}; give two different letters, e.g. [A,B]")
+
+
+@dataclass
+class AuditConfig:
+    """``evaluation.audit.*``: the judge audit at every evaluation point (``expertchat/stages/audit.py``): the two
+    training judges (each role's policy at that point) rate both roles' held-out answers and the base answers, and
+    compare the two roles' answers pairwise in both orders; the statistics are in ``expertchat/audit.py``."""
+
+    enabled: bool = True
+    flat_sd: float = 0.25  # a category whose scores' standard deviation is below this (1-10 scale) carries no signal
+
+    def __post_init__(self) -> None:
+        check(self.flat_sd >= 0, "evaluation.audit.flat_sd", "must be >= 0")
 
 
 @dataclass
@@ -49,6 +94,8 @@ class EvaluationConfig:
     rounds: Optional[list[int]] = None  # mode=eval: the rounds to evaluate (None: every trained round)
     run: Optional[str] = None  # mode=eval: the run folder to evaluate (None: run_dir); results are written there
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         check(self.source in {"topics", "jsonl"}, "evaluation.source", f"is '{self.source}'; use topics or jsonl")

@@ -132,7 +132,7 @@ def _evaluate(run: Run, point: int | str) -> dict[str, Any]:
 
 
 # mode=eval's one stage: the evaluation of a point, its adapters loaded first
-EVALUATE = Stage("evaluation", _evaluate, [evaluation.EVAL_FILE], evaluation.describe, lambda s: {})
+EVALUATE = Stage("evaluation", _evaluate, evaluation.FILES, evaluation.describe, lambda s: {})
 
 
 def _forget_skipped(store: RunStore, point: int | str) -> None:

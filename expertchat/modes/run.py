@@ -184,6 +184,6 @@ STAGES = (
     # the trainer tracks every step and the round's mean rewards itself (training.py)
     Stage("training", training.stage, [training.TRAIN_METRICS_FILE], _training_lines, lambda s: {}),
     # held-out answers scored by a frozen judge; also run once before round 0 ("base"); tracked by evaluation.py
-    Stage("evaluation", evaluation.stage, [evaluation.EVAL_FILE], evaluation.describe, lambda s: {}),
+    Stage("evaluation", evaluation.stage, evaluation.FILES, evaluation.describe, lambda s: {}),
 )
 EVALUATION = STAGES[-1]

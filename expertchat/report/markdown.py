@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertchat.errors import ExpertChatError
-from expertchat.report import interaction, plots
+from expertchat.report import audit, interaction, plots
 from expertchat.runs.reader import RunData, ci, get, groups, load, mean, table, turn_guards
 from expertchat.stats import fmt
 
@@ -227,6 +227,7 @@ def build(data: RunData, figures: dict[str, Path]) -> str:
                 for line in ("", f"![{n}]({figures[n].relative_to(data.root).as_posix()})")]
 
     lines = header_section(data) + run_section(data) + evaluation_section(data) + fig("eval_reward", "eval_categories")
+    lines += audit.pairwise_section(data) + audit.audit_section(data)
     lines += dialogue_section(data) + fig("length") + rating_section(data)
     lines += fig("rating_categories", "similarity_vs_score") + interaction.section(data, fig)
     lines += training_section(data) + fig("training")

@@ -20,16 +20,19 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from expertchat.config.schema import ExpertChatConfig, GenerationConfig
 from expertchat.engine.generation import generate
 from expertchat.engine.models import load_model, render_prompt
 from expertchat.judging.judge import Judge, RatingItem
 from expertchat.judging.rewards import load_embedder, rewards, wants_wim
 from expertchat.report.console import progress_bar
+from expertchat.stages import audit
 from expertchat.stages.dialogue import ROLES
 from expertchat.stages.harness import run_lm_eval
 from expertchat.stages.heldout import EvalPrompt
-from expertchat.stats import bootstrap_ci, copied_fraction, distinct_n, fmt
+from expertchat.stats import bootstrap_ci, copied_fraction, detectable_effect, distinct_n, fmt
 
 if TYPE_CHECKING:  # pragma: no cover
     from expertchat.engine.generation import Generated
@@ -42,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.jsonl"
+FILES = [EVAL_FILE, audit.PAIRWISE_FILE, audit.AUDIT_FILE]  # what an evaluation point appends to
 COPY_NGRAM = 3  # an answer token inside a 3-gram of the prompt's tokens counts as copied (as the likelihood does)
 
 
@@ -138,12 +142,18 @@ def role_summary(rows: list[dict[str, Any]], ids: list[list[int]], base: dict[st
         "cut_fraction": _mean([float(r["cut"]) for r in rows]),
         "copied_fraction": round(sum(r["copied_fraction"] * r["tokens"] for r in rows) / tokens, 5) if tokens else 0.0,
     }
+    rewards = np.array([r["reward"] for r in scored], dtype=float)
+    out["detectable"] = detectable_effect(float(rewards.std(ddof=1)), len(rewards)) if len(rewards) > 1 else None
+    out["detectable_from"] = "sd of the rewards: paired differences assumed as spread"
     if base is None or base_rows is None:
         return out
     before = {(r["prompt_id"], r["sample"]): r["reward"] for r in base_rows if r["reward"] is not None}
     deltas = [r["reward"] - before[k] for r in scored if (k := (r["prompt_id"], r["sample"])) in before]
     out["delta_vs_base"] = {"mean": _mean(deltas), "ci": bootstrap_ci(deltas, ev.bootstrap, ev.seed),
                             "pairs": len(deltas)}
+    if len(deltas) > 1:
+        out["detectable"] = detectable_effect(float(np.std(deltas, ddof=1)), len(deltas))
+        out["detectable_from"] = "sd of the paired differences"
     out["win"] = sum(d > ev.tie_tolerance for d in deltas)
     out["loss"] = sum(d < -ev.tie_tolerance for d in deltas)
     out["tie"] = len(deltas) - out["win"] - out["loss"]
@@ -205,7 +215,10 @@ def describe(s: dict[str, Any]) -> list[str]:
         lines.append(f"{role}: reward {fmt(m['reward_mean'])} {ci(m['reward_ci'])} on {m['n']} answers "
                      f"(judge {s['judge']}), {fmt(m['tokens_mean'], 1)} tokens, {m['cut_fraction']:.0%} cut, "
                      f"{m['copied_fraction']:.0%} copied{vs}")
-    return lines
+        if m.get("detectable") is not None:
+            lines.append(f"{role}: {m['n']} prompts detect a paired reward change of +-{fmt(m['detectable'])} "
+                         f"(80% power, 5% two-sided; {m['detectable_from']})")
+    return lines + audit.describe(s)
 
 
 def frozen_judge(cfg: ExpertChatConfig, policies: Policies) -> LoadedModel:
@@ -221,9 +234,17 @@ def frozen_judge(cfg: ExpertChatConfig, policies: Policies) -> LoadedModel:
 
 def evaluate_point(cfg: ExpertChatConfig, store: RunStore, models: dict[str, LoadedModel], judge: LoadedModel,
                    prompts: list[EvalPrompt], point: int | str, tracker: Tracker) -> dict[str, Any]:
-    """One evaluation point (:func:`expertchat.stages.evaluation.evaluate`), then lm-evaluation-harness when
+    """One evaluation point (:func:`expertchat.stages.evaluation.evaluate`); then, at a round point, the frozen
+    judge's pairwise verdicts against the base answers (``evaluation.pairwise``, under ``pairwise``); the judge
+    audit (``evaluation.audit``, under ``audit``; :mod:`expertchat.stages.audit`); and lm-evaluation-harness when
     ``evaluation.lm_eval.tasks`` asks for it (its results under ``lm_eval`` in the summary)."""
     summary = evaluate(models, judge, prompts, cfg, store, point, tracker)
+    if cfg.evaluation.pairwise.enabled and point != "base":
+        summary["pairwise"] = audit.pairwise_vs_base(cfg, store, judge, int(point))
+    if cfg.evaluation.audit.enabled:
+        anchor = judge.name if cfg.evaluation.judge is not None else f"{judge.name} (the judge's base)"
+        summary["audit"] = audit.audit_point(cfg, store, models, point, anchor)
+    audit.track(tracker, summary, 0 if point == "base" else int(point) + 1)
     if cfg.evaluation.lm_eval.tasks:
         summary["lm_eval"] = run_lm_eval(cfg, store, point, models)
     return summary
