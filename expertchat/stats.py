@@ -209,7 +209,8 @@ def length_controlled_win_rate(outcomes: Sequence[float], length_diff: Sequence[
     refitted).
 
     Args:
-        outcomes: ``[N]`` each pair's result for the model compared: 1 win, 0.5 tie, 0 loss.
+        outcomes: ``[N]`` each pair's result for the model compared, in [0, 1]: 1 win, 0.5 tie, 0 loss, or the
+            judge's probability that it is better (AlpacaEval 2's preference).
         length_diff: ``[N]`` its answer's length minus the other's (tokens).
         resamples: bootstrap resamples (``<= 0``: no interval).
 

@@ -21,19 +21,21 @@ def detectable(x: float | None) -> str:
 def pairwise_section(data: RunData) -> list[str]:
     """Each round's answers against the base answers, judged pairwise in both orders by the frozen judge."""
     rows = [[e.get("round"), role, p["n"], f"{p['win']}/{p['tie']}/{p['loss']}", ci(p["win_rate"], p["win_rate_ci"]),
-             ci(p["lc_win_rate"], p["lc_win_rate_ci"]), ci(p["consistency"]["value"], p["consistency"]["ci"], 2),
-             detectable(p["detectable"])]
+             ci(p.get("preference"), p.get("preference_ci")), ci(p["lc_win_rate"], p["lc_win_rate_ci"]),
+             ci(p["consistency"]["value"], p["consistency"]["ci"], 2), detectable(p["detectable"])]
             for e in data.evals for role, p in (e.get("pairwise") or {}).items()]
     if not rows:
         return []
     return ["", "## Pairwise verdicts", "",
             f"The frozen judge ({data.evals[-1].get('judge')}) compares each round's answer with the base answer to "
             "the same prompt, in both orders, from the probabilities of its two choice letters; a pair whose two "
-            "verdicts disagree is a tie (MT-Bench). Win rate = (wins + ties / 2) / pairs (95% BCa CI); "
-            "length-controlled: AlpacaEval 2's logistic model with the length difference as a covariate, predicted "
-            "at equal lengths (95% bootstrap CI); *detectable*: the smallest win-rate change these pairs show at 80% "
-            "power.", ""] + table(["point", "model", "pairs", "W/T/L", "win rate", "length-controlled",
-                                    "position-consistent", "detectable"], rows)
+            "verdicts disagree is a tie (MT-Bench). Win rate = (wins + ties / 2) / pairs (95% BCa CI); *preference*: "
+            "the judge's probability that the round's answer is better, both orders averaged (AlpacaEval 2's "
+            "probability-weighted win rate); length-controlled: AlpacaEval 2's logistic model of that preference with "
+            "the length difference as a covariate, predicted at equal lengths (95% bootstrap CI); *detectable*: the "
+            "smallest win-rate change these pairs show at 80% power.", ""] + table(
+        ["point", "model", "pairs", "W/T/L", "win rate", "preference", "length-controlled", "position-consistent",
+         "detectable"], rows)
 
 
 def audit_section(data: RunData) -> list[str]:

@@ -2,7 +2,8 @@
 
     eval.jsonl (this point's and the base point's answers)
         --(the FROZEN evaluation judge: round answer vs base answer, both orders)--> pairwise.jsonl
-             -> per role: win rate, length-controlled win rate, position consistency (``summary["pairwise"]``)
+             -> per role: win rate, preference, length-controlled win rate, position consistency
+                (``summary["pairwise"]``)
         --(each TRAINING judge, i.e. each role's policy at this point: scores of both roles' answers, now and at
            the base; pairwise verdicts on the actor's vs the judge's answer, both orders)--> audit.jsonl
              -> position consistency, P(prefer longer), self-preference, mutual and anchor agreement, inflation,
@@ -69,16 +70,21 @@ def pairwise_vs_base(cfg: ExpertChatConfig, store: RunStore, judge_lm: LoadedMod
 
 
 def pairwise_figures(rows: list[dict[str, Any]], resamples: int, seed: int) -> dict[str, Any]:
-    """Win / tie / loss of x, its win rate ``(wins + ties / 2) / n`` with a 95% BCa CI, the length-controlled win
-    rate (:func:`~expertchat.stats.length_controlled_win_rate`), the judge's position consistency, and the
-    smallest win-rate change the n pairs can show (80% power, 5% two-sided)."""
+    """Win / tie / loss of x and its win rate ``(wins + ties / 2) / n`` (MT-Bench: a verdict counts only when both
+    orders agree); the *preference*, the judge's probability that x is better with the two orders averaged
+    (AlpacaEval 2's probability-weighted win rate: it keeps the signal of a judge too slot-biased to be consistent);
+    the length-controlled win rate (:func:`~expertchat.stats.length_controlled_win_rate` on that preference, as
+    AlpacaEval 2 fits it); the judge's position consistency; and the smallest win-rate change the n pairs can show
+    (80% power, 5% two-sided). Rates with 95% CIs (BCa; bootstrap refits for the length-controlled one)."""
     outcomes = [r["outcome"] for r in rows]
+    soft = [(r["p_x_first"] + r["p_x_second"]) / 2 for r in rows]
     n = len(outcomes)
-    lc, lc_ci = length_controlled_win_rate(outcomes, [r["x_tokens"] - r["y_tokens"] for r in rows],
+    lc, lc_ci = length_controlled_win_rate(soft, [r["x_tokens"] - r["y_tokens"] for r in rows],
                                            min(resamples, LC_RESAMPLES), seed)
     return {"n": n, "win": outcomes.count(1.0), "tie": outcomes.count(0.5), "loss": outcomes.count(0.0),
-            "win_rate": round(sum(outcomes) / n, 4) if n else None, "win_rate_ci": bootstrap_ci(outcomes, resamples,
-                                                                                                   seed),
+            "win_rate": round(sum(outcomes) / n, 4) if n else None,
+            "win_rate_ci": bootstrap_ci(outcomes, resamples, seed),
+            "preference": round(sum(soft) / n, 4) if n else None, "preference_ci": bootstrap_ci(soft, resamples, seed),
             "lc_win_rate": lc, "lc_win_rate_ci": lc_ci,
             "consistency": stats_audit.position(rows, resamples, seed)["consistency"],
             "detectable": detectable_effect(0.5, n)}  # a win rate's sd is at most 0.5
@@ -168,7 +174,8 @@ def describe(s: dict[str, Any]) -> list[str]:
     for role, p in (s.get("pairwise") or {}).items():
         lines.append(f"{role} vs base, pairwise (judge {s.get('judge')}, both orders): win/tie/loss "
                      f"{p['win']}/{p['tie']}/{p['loss']}, win rate {fmt(p['win_rate'])} {_ci(p['win_rate_ci'])}, "
-                     f"length-controlled {fmt(p['lc_win_rate'])} {_ci(p['lc_win_rate_ci'])}, position-consistent "
+                     f"preference {fmt(p['preference'])} {_ci(p['preference_ci'])}, length-controlled "
+                     f"{fmt(p['lc_win_rate'])} {_ci(p['lc_win_rate_ci'])}, position-consistent "
                      f"{fmt(p['consistency']['value'], 2)}; {p['n']} pairs show a win-rate change of "
                      f"{detectable(p['detectable'])}")
     a = s.get("audit")
@@ -196,6 +203,7 @@ def track(tracker: Tracker, s: dict[str, Any], step: int) -> None:
     metrics: dict[str, Any] = {}
     for role, p in (s.get("pairwise") or {}).items():
         metrics.update({f"pairwise/{role}_win_rate": p["win_rate"], f"pairwise/{role}_lc_win_rate": p["lc_win_rate"],
+                        f"pairwise/{role}_preference": p["preference"],
                         f"pairwise/{role}_consistency": p["consistency"]["value"]})
     a = s.get("audit")
     if a:
