@@ -89,3 +89,26 @@ def test_pairwise_and_audit_can_be_turned_off(smol_tokenizer, tmp_path, monkeypa
     assert not (tmp_path / audit.PAIRWISE_FILE).exists() and not (tmp_path / audit.AUDIT_FILE).exists()
     summary = json.loads((tmp_path / "stages/round_0.evaluation.json").read_text())
     assert "pairwise" not in summary and "audit" not in summary and summary["models"]["actor"]["n"] == 3
+
+
+def test_another_frozen_judge_is_the_anchor_of_the_audit_and_judges_the_pairs(smol_tokenizer, tmp_path, monkeypatch):
+    from expertchat.engine.models import LoadedModel
+    from expertchat.modes import run as pipeline
+    from expertchat.stages import evaluation
+    from tests.conftest import make_tiny_model
+
+    monkeypatch.setattr(pipeline, "load_pair", tiny_load_pair(smol_tokenizer))
+    loaded = []
+
+    def load_anchor(model_cfg):
+        loaded.append(model_cfg.name)
+        return LoadedModel("tiny_anchor", make_tiny_model(smol_tokenizer, seed=5), smol_tokenizer, model_cfg)
+
+    monkeypatch.setattr(evaluation, "load_model", load_anchor)
+    pipeline.run(eval_cfg(tmp_path, "rounds=1", "+model@evaluation.judge=smollm2_135m"))
+    assert loaded == ["smollm2_135m"]  # loaded once, for every point
+    summary = json.loads((tmp_path / "stages/round_0.evaluation.json").read_text())
+    assert summary["judge"] == "tiny_anchor" and summary["audit"]["anchor"] == "tiny_anchor"
+    assert {r["judge"] for r in read_rows(tmp_path / audit.PAIRWISE_FILE)} == {"tiny_anchor"}
+    assert {r["rater_model"] for r in read_rows(tmp_path / audit.AUDIT_FILE)} == {"tiny"}  # the training judges
+    assert set(summary["audit"]["agreement"]["anchor"]) == {"actor", "judge"}
