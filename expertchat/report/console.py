@@ -171,8 +171,19 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append("  evaluation  " + "; ".join(
             f"{role} held-out reward {fmt(m['reward_mean'])}, vs base {fmt((m['delta_vs_base'] or {}).get('mean'))} "
             f"(win-rate {fmt(m['win_rate'], 2)})" for role, m in evaluated.items()))
+    pairwise = (summary.get("evaluation") or {}).get("pairwise") or {}
+    if pairwise:
+        out.append("  pairwise    " + "; ".join(
+            f"{role} vs base: preference {fmt(p.get('preference'), 2)}, length-controlled {fmt(p['lc_win_rate'], 2)}, "
+            f"position-consistent {fmt(p['consistency']['value'], 2)}" for role, p in pairwise.items()))
+    audit = (summary.get("evaluation") or {}).get("audit") or {}
+    flat = sorted({n for f in (audit.get("flat") or {}).values() for n, x in f.items() if x["flat"]})
+    if audit:
+        out.append(f"  judge audit self-preference {fmt(audit['self_preference']['index'], 2)}, mutual rho "
+                   f"{fmt(audit['agreement']['mutual']['rho'], 2)}, flat categories: {', '.join(flat) or 'none'} "
+                   f"(report.md: Judge audit)")
     out.append(f"  run folder  {root} (report.md, turns.jsonl, ratings.jsonl, interaction.jsonl, train_metrics.jsonl, "
-               f"rewards_by_round.json, eval.jsonl, expertchat.log)")
+               f"rewards_by_round.json, eval.jsonl, pairwise.jsonl, audit.jsonl, expertchat.log)")
     if trained:
         out.append(f"  adapters    {root}/adapters/round_{rounds - 1}/{{{','.join(trained)}}}")
     return out

@@ -113,3 +113,16 @@ def test_the_closing_summary_says_what_the_speakers_did_to_each_other(tmp_path):
     (line,) = [x for x in lines if x.startswith("  interaction ")]
     assert line == ("  interaction actor echo 0.17, agrees 0.06, topic adherence 0.40 (drift -0.25); judge echo 0.15, "
                     "agrees 0.25, topic adherence 0.30 (drift n/a)")
+
+
+def test_the_closing_summary_gives_the_pairwise_verdict_and_the_audit(tmp_path):
+    from expertchat.report.console import summary_lines
+
+    pairwise = {"actor": {"preference": 0.56, "lc_win_rate": 0.53, "consistency": {"value": 0.2}}}
+    audit = {"self_preference": {"index": 0.12}, "agreement": {"mutual": {"rho": 0.4}},
+             "flat": {"actor": {"depth": {"flat": True}, "knowledge": {"flat": False}},
+                      "judge": {"depth": {"flat": True}}}}
+    lines = summary_lines(tmp_path, 1, {"evaluation": {"models": {}, "pairwise": pairwise, "audit": audit}}, 3.0)
+    assert "  pairwise    actor vs base: preference 0.56, length-controlled 0.53, position-consistent 0.20" in lines
+    assert ("  judge audit self-preference 0.12, mutual rho 0.40, flat categories: depth (report.md: Judge audit)"
+            in lines)
