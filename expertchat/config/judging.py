@@ -36,6 +36,8 @@ def _default_rubric() -> dict[str, RubricCategory]:
     # tell a good answer from a poor one (44% of labelled pairs), its likelihood can (90%). Depth has no signal of
     # its own such a judge can give: its likelihood is the same number as knowledge's (the PMI does not read the
     # category), and its rubric score is chance; so it weighs 0 here (not computed) and 1 for large judges.
+    # Human-expert likeness keeps the rubric score: the turing signal (the forced choice "a human expert or an
+    # AI?") separates nothing for such a judge either (35% of the pairs, mean p(human expert) 0.496 vs 0.498).
     return {
         "knowledge": RubricCategory("Is the response correct, relevant to what was asked, and does it show "
                                     "real knowledge of the topic?", 1.0, "likelihood"),
