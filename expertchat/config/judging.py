@@ -10,7 +10,9 @@ from expertchat.errors import ExpertChatError, check
 
 # The signals a category can name: the configurable entries of expertchat/judging/signals.py's registry (a test
 # keeps the two equal; parse mode's ``parse`` is chosen by ``judging.mode``, not named).
-SIGNALS = ("rubric", "likelihood", "blend")
+SIGNALS = ("rubric", "likelihood", "blend", "turing")
+# Signals that do not read the category's wording: two weighted categories of one of them always score the same.
+CATEGORY_BLIND = ("likelihood", "turing")
 
 
 @dataclass
@@ -20,12 +22,13 @@ class RubricCategory:
     ``signal``: ``rubric`` = the judge's rating of the category (the expected score from token probabilities in
     ``expected`` mode, the parsed ``[[N]]`` in ``parse`` mode); ``likelihood`` = GPTScore-style relevance: the
     judge's log-probability of the answer given the context minus without it, mapped to [1, 10];
-    ``blend`` = the mean of both. See ``expertchat/judging/judge.py``.
+    ``blend`` = the mean of both; ``turing`` = the judge's forced choice "a human expert or an AI?" read from
+    token probabilities (``judging.turing``), 1 + 9 p(human expert). See ``expertchat/judging/judge.py``.
     """
 
     description: str = ""
     weight: float = 1.0
-    signal: str = "rubric"  # rubric | likelihood | blend
+    signal: str = "rubric"  # rubric | likelihood | blend | turing
 
 
 def _default_rubric() -> dict[str, RubricCategory]:
@@ -33,6 +36,8 @@ def _default_rubric() -> dict[str, RubricCategory]:
     # tell a good answer from a poor one (44% of labelled pairs), its likelihood can (90%). Depth has no signal of
     # its own such a judge can give: its likelihood is the same number as knowledge's (the PMI does not read the
     # category), and its rubric score is chance; so it weighs 0 here (not computed) and 1 for large judges.
+    # Human-expert likeness keeps the rubric score: the turing signal (the forced choice "a human expert or an
+    # AI?") separates nothing for such a judge either (35% of the pairs, mean p(human expert) 0.496 vs 0.498).
     return {
         "knowledge": RubricCategory("Is the response correct, relevant to what was asked, and does it show "
                                     "real knowledge of the topic?", 1.0, "likelihood"),
@@ -78,13 +83,44 @@ class ParseConfig:
 
 
 @dataclass
+class TuringConfig:
+    """The ``turing`` signal's forced choice (``judging.turing.*``): the seed's game asked of the judge.
+
+    After the rated turn the judge reads ``question`` with ``{a}`` = ``human`` and ``{b}`` = ``ai`` (the letter A
+    names a human expert), its reply forced to start with ``prefix``; then the same with the two swapped. The
+    letters A and B are read off its next token (see ``expertchat/judging/judge.py``); ``prefix``'s trailing
+    whitespace belongs to the letter's token, so it is dropped from the prompt.
+    """
+
+    question: str = "Was this response written by {a} or by {b}? Answer A for {a}, B for {b}."
+    human: str = "a human expert"
+    ai: str = "an AI"
+    prefix: str = "Answer:"
+
+    def __post_init__(self) -> None:
+        try:
+            self.question.format(a="x", b="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ExpertChatError(f"config error: judging.turing.question may only use the placeholders {{a}}, {{b}} "
+                                  f"(found {exc!r})") from None
+        check("{a}" in self.question and "{b}" in self.question, "judging.turing.question",
+              "must contain {a} and {b} (the two answers, in the order of the letters A and B)")
+        check(bool(self.human.strip()) and bool(self.ai.strip()), "judging.turing.human",
+              "and judging.turing.ai must not be empty")
+        check(self.human.strip() != self.ai.strip(), "judging.turing.human", f"and judging.turing.ai are both "
+              f"'{self.human}'; they name the two choices")
+        check(bool(self.prefix.strip()), "judging.turing.prefix", "is empty; e.g. 'Answer:'")
+
+
+@dataclass
 class JudgingConfig:
     """How a judge rates a turn (``expertchat/judging/judge.py``); the judge *model* is ``judge`` (``model@judge``).
 
     Templates: ``prompt`` holds ``{context}`` and ``{answer}``; each of ``instructions`` holds ``{category}``
     and ``{description}`` and follows the prompt in the same user message (several phrasings are averaged);
     the judge's reply is forced to start with ``rating_prefix``. ``wim_instruction`` asks what is missing, the
-    reply starts with ``wim_prefix``. ``parse`` holds the original's wording and decoding for ``mode=parse``.
+    reply starts with ``wim_prefix``. ``parse`` holds the original's wording and decoding for ``mode=parse``;
+    ``turing`` the forced-choice question of the ``turing`` signal.
     """
 
     mode: str = "expected"  # expected: expected score from token probabilities | parse: generate and parse [[N]]
@@ -109,6 +145,7 @@ class JudgingConfig:
     wim_max_new_tokens: int = 48
     wim_max_chars: int = 400
     parse: ParseConfig = field(default_factory=ParseConfig)  # mode=parse: the judge's generation and its wording
+    turing: TuringConfig = field(default_factory=TuringConfig)  # the turing signal's question (human expert or AI?)
     on_parse_failure: str = "skip"  # skip: the turn gets no reward | neutral: the category scores neutral_score
     neutral_score: float = 5.0
     context_turns: int = 2  # preceding dialogue turns the judge sees
@@ -122,13 +159,15 @@ class JudgingConfig:
 
     def same_signal_warning(self) -> str | None:
         """A warning when two weighted categories would always score the same: every ``likelihood`` category
-        reads one PMI of the turn with its context, whatever the category asks; ``None`` otherwise."""
-        names = [name for name, cat in self.active().items() if cat.signal == "likelihood"]
-        if len(names) < 2:
-            return None
-        share = sum(self.rubric[n].weight for n in names) / sum(c.weight for c in self.active().values())
-        return (f"judging.rubric: {' and '.join(names)} all read the likelihood signal, so they always score the "
-                f"same and together weigh {share:.0%} of the score; give one a rubric signal or weight 0")
+        reads one PMI of the turn with its context, every ``turing`` category one forced choice, whatever the
+        category asks (:data:`CATEGORY_BLIND`); ``None`` otherwise."""
+        for signal in CATEGORY_BLIND:
+            names = [name for name, cat in self.active().items() if cat.signal == signal]
+            if len(names) >= 2:
+                share = sum(self.rubric[n].weight for n in names) / sum(c.weight for c in self.active().values())
+                return (f"judging.rubric: {' and '.join(names)} all read the {signal} signal, so they always score "
+                        f"the same and together weigh {share:.0%} of the score; give one a rubric signal or weight 0")
+        return None
 
     def __post_init__(self) -> None:
         check(self.mode in {"expected", "parse"}, "judging.mode", f"is '{self.mode}'; use expected or parse")

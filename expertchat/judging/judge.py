@@ -14,10 +14,14 @@ Two rating modes (``judging.mode``):
 A category's ``signal`` can instead be ``likelihood``: the GPTScore-style pointwise mutual information of the
 rated turn with its context, read from the same forward pass (log p(turn | context) - log p(turn | a
 content-free context), summed over the turn's tokens) and mapped to [1, 10] by a logistic curve; ``blend`` is
-the mean of both. ``experiments/judge_sanity`` measures which signal a small judge can be trusted with.
+the mean of both. ``turing`` is the seed's game asked of the judge: after the turn, a forced choice "written by a
+human expert or by an AI? Answer A or B", its reply forced to start ``Answer:``; p(human expert) = p_A / (p_A + p_B)
+from the next-token probabilities (each letter with and without a leading space), asked in both letter orders and
+averaged, scored 1 + 9 p. ``experiments/judge_sanity`` measures which signal a small judge can be trusted with.
 
 Cost: the context and the turn are encoded once per turn (the *prefix*); each category's instruction, each
-phrasing, the content-free calibration and the WIM request are short *suffixes* run on the cached prefix. All
+phrasing, the turing question (two letter orders), the content-free calibration and the WIM request are short
+*suffixes* run on the cached prefix. All
 turns go through in batches of ``judging.batch_size``.
 """
 
@@ -35,7 +39,14 @@ from expertchat.config.schema import GenerationConfig, JudgingConfig
 from expertchat.engine.kvcache import PrefixBatch
 from expertchat.engine.models import LoadedModel
 from expertchat.judging.prompts import JudgePrompts
-from expertchat.judging.scoring import clean_wim, copied_mask, parse_wim, score_distribution, token_pmi
+from expertchat.judging.scoring import (
+    choice_probabilities,
+    clean_wim,
+    copied_mask,
+    parse_wim,
+    score_distribution,
+    token_pmi,
+)
 from expertchat.judging.signals import SIGNALS, CategoryScore, Measured, needs, resolve
 from expertchat.report.console import progress_bar
 
@@ -120,21 +131,20 @@ class Judge:
         return self._raw(items, wim=wim, progress=progress, calibrate=calibrate, keep_logprobs=True)
 
     # --------------------------------------------------------------------------------------- internals
-    def _needs(self) -> tuple[bool, bool]:
-        """Whether any active category needs the score distributions, and the answer's log-probs."""
-        wanted = set().union(*(needs(c.signal, self.cfg.mode) for c in self.cfg.active().values()))
-        return "distributions" in wanted, "logprobs" in wanted
+    def _needs(self) -> set[str]:
+        """What the active categories need measured (``distributions``, ``logprobs``, ``turing``, ``replies``)."""
+        return set().union(*(needs(c.signal, self.cfg.mode) for c in self.cfg.active().values()))
 
     @torch.no_grad()
     def _raw(self, items: list[RatingItem], *, wim: bool, progress: bool = False, calibrate: bool | None = None,
              keep_logprobs: bool = False, desc: str = "rating") -> list[Measured]:
         """What the judge measured per item (:class:`~expertchat.judging.signals.Measured`): the score
         distributions per (category, phrasing), with and without a content-free answer, the answer's token
-        log-probs with the context and a content-free one folded into ``pmi``, the WIM text, token counts."""
+        log-probs with the context and a content-free one folded into ``pmi``, the turing choice, the WIM text,
+        token counts (``keep_logprobs``: everything, for :meth:`measure`)."""
         cfg, pr = self.cfg, self.prompts
-        need_rubric, need_likelihood = self._needs()
-        if keep_logprobs:
-            need_rubric = need_likelihood = True
+        wanted = self._needs() | ({"distributions", "logprobs", "turing"} if keep_logprobs else set())
+        need_rubric, need_likelihood, turing = (k in wanted for k in ("distributions", "logprobs", "turing"))
         calibrate = cfg.calibrate if calibrate is None else calibrate
         rubric_keys = [k for k in pr.rating_suffixes  # measure(): every category; rate(): those that use it
                        if keep_logprobs or "distributions" in needs(cfg.rubric[k[0]].signal, cfg.mode)
@@ -143,12 +153,13 @@ class Judge:
         out = [Measured(calibrate=calibrate) for _ in items]
         order = sorted(range(len(items)), key=lambda i: -len(enc[i]["prefix"]))
         expected_wim = wim and cfg.mode == "expected"
-        chunks = self._chunks(order, enc, need_likelihood) if rubric_keys or need_likelihood or expected_wim else []
+        prefix_pass = rubric_keys or need_likelihood or turing or expected_wim
+        chunks = self._chunks(order, enc, need_likelihood) if prefix_pass else []
         parse = max(cfg.batch_size, -(-len(items) // 10)) if cfg.mode == "parse" else 0  # items per parse pass
         with progress_bar(len(items) * (bool(chunks) + bool(parse)), progress, desc, unit="turn") as bar:
             for chunk in chunks:
                 tail = len(pr.after_ids) + max(len(enc[i]["ans"]) for i in chunk) + 1 if need_likelihood else 1
-                self._prefix_pass(chunk, enc, out, rubric_keys, tail, need_likelihood, expected_wim)
+                self._prefix_pass(chunk, enc, out, rubric_keys, tail, need_likelihood, turing, expected_wim)
                 if need_likelihood:
                     self._content_free_context(chunk, enc, out, tail)
                 if rubric_keys and calibrate:
@@ -183,9 +194,9 @@ class Judge:
             yield key, probs, mass
 
     def _prefix_pass(self, chunk: list[int], enc: list[dict[str, Any]], out: list[Measured],
-                     rubric_keys: list[tuple[str, int]], tail: int, likelihood: bool, wim: bool) -> None:
-        """One encoding of context + answer per item; the rubric suffixes, the answer's log-probs and the WIM
-        continuation all read its cache."""
+                     rubric_keys: list[tuple[str, int]], tail: int, likelihood: bool, turing: bool, wim: bool) -> None:
+        """One encoding of context + answer per item; the rubric suffixes, the answer's log-probs, the turing
+        question and the WIM continuation all read its cache."""
         pr = self.prompts
         batch = PrefixBatch(self.lm, [enc[i]["prefix"] for i in chunk], tail_keep=tail, shared=len(pr.head_ids),
                             reserve=self._reserve(wim))
@@ -196,6 +207,9 @@ class Judge:
             spans = [(enc[i]["start"], enc[i]["start"] + len(enc[i]["ans"])) for i in chunk]
             for i, lp in zip(chunk, batch.span_logprobs(spans)):
                 out[i].cond = lp
+        if turing:
+            for i, orders in zip(chunk, turing_choice(batch, pr)):
+                out[i].turing = orders
         if wim:
             texts = batch.greedy(pr.wim_suffix, self.cfg.wim_max_new_tokens, self.lm.stop_token_ids)
             for r, i in enumerate(chunk):
@@ -204,7 +218,7 @@ class Judge:
     def _reserve(self, wim: bool) -> int:
         """Cache positions a prefix batch needs after its prefixes: the longest suffix run on it."""
         pr = self.prompts
-        return max([len(ids) + 1 for ids in pr.rating_suffixes.values()]
+        return max([len(ids) + 1 for ids in [*pr.rating_suffixes.values(), *pr.turing_suffixes]]
                    + [len(pr.wim_suffix) + self.cfg.wim_max_new_tokens if wim else 0])
 
     def _content_free_context(self, chunk: list[int], enc: list[dict[str, Any]], out: list[Measured],
@@ -320,6 +334,17 @@ class Judge:
                 for name, cat in self.cfg.active().items()}
         return Judgement(categories=cats, score=1.0, status="empty_answer",
                          wim="" if wim else None, wim_empty=wim, wim_status="empty" if wim else "none")
+
+
+def turing_choice(batch: PrefixBatch, prompts: JudgePrompts) -> list[list[tuple[float, float]]]:
+    """The forced choice "a human expert or an AI?" in both letter orders, one suffix each on ``batch``'s cache: per
+    row, ``[(p(human expert), probability on the two letters)]`` for order 0 (A = human expert), then 1 (A = AI)."""
+    rows: list[list[tuple[float, float]]] = [[] for _ in batch.prefixes]
+    for order, ids in enumerate(prompts.turing_suffixes):
+        p, mass = choice_probabilities(batch.extend(ids, 1)[:, -1], prompts.turing_choices)
+        for r, row in enumerate(rows):
+            row.append((float(p[r, order]), float(mass[r])))
+    return rows
 
 
 def weighted_score(cats: dict[str, CategoryScore], cfg: JudgingConfig) -> float | None:

@@ -4,7 +4,8 @@ A judge prompt is the chat rendering (the judge's own template) of ``[system, us
 instruction]`` with the assistant reply started by a forced prefix (``Rating: [[`` or the WIM prefix). It is
 rendered once with sentinels in place of the context, the answer and the instruction, and cut there: head +
 context + middle + answer + after is the *prefix* of an item; each category's instruction (per phrasing) with
-the rest of the rendering and the forced prefix is a *suffix* shared by every item.
+the rest of the rendering and the forced prefix is a *suffix* shared by every item. So is the ``turing`` signal's
+forced-choice question, once per letter order.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from expertchat.engine.models import chat_messages
 from expertchat.errors import ExpertChatError
-from expertchat.judging.scoring import score_tokens
+from expertchat.judging.scoring import choice_tokens, score_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
@@ -62,6 +63,16 @@ class JudgePrompts:
                                           description=cfg.rubric[first[0]].description)
         self.scores = score_tokens(tokenizer, ins0 + self.tail + cfg.rating_prefix)
         self.wim_suffix = self._ids(cfg.wim_instruction + self.tail + cfg.wim_prefix)
+        self.turing_suffixes, self.turing_choices = self._turing()
+
+    def _turing(self) -> tuple[list[list[int]], tuple[tuple[int, ...], ...]]:
+        """The ``turing`` question's suffix in each letter order (A = human expert, then A = AI), its reply forced
+        to start with ``judging.turing.prefix`` less its trailing whitespace, and the tokens of the letters A and
+        B after it (:func:`~expertchat.judging.scoring.choice_tokens`: with and without a leading space)."""
+        t = self.cfg.turing
+        texts = [t.question.format(a=a, b=b) + self.tail + t.prefix.rstrip()
+                 for a, b in ((t.human, t.ai), (t.ai, t.human))]
+        return [self._ids(text) for text in texts], choice_tokens(self.tok, texts[0], ("A", "B"))
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []

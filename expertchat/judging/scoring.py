@@ -1,5 +1,6 @@
 """The judge's score maths, free of models and prompts: parse a rating, clean a WIM critique, spell the scores
-1..10 in tokens, turn next-token logits into a score distribution, its expectation and entropy, mask copied
+1..10 in tokens, turn next-token logits into a score distribution, its expectation and entropy, spell the letters
+of a forced choice in tokens and read their probabilities, mask copied
 n-grams and sum the pointwise mutual information of an answer with its context (GPTScore, Fu et al., 2023),
 and map it to [1, 10].
 
@@ -152,6 +153,55 @@ def score_distribution(logits: torch.Tensor, st: ScoreTokens) -> tuple[torch.Ten
     p = torch.stack(columns, dim=-1)
     mass = p.sum(-1)
     return p / mass.clamp_min(1e-30).unsqueeze(-1), mass
+
+
+def choice_tokens(tokenizer: PreTrainedTokenizerBase, context: str, choices: tuple[str, ...] = ("A", "B"),
+                  key: str = "judging.turing.prefix") -> tuple[tuple[int, ...], ...]:
+    """The tokens that spell each of ``choices`` (e.g. the letters of a forced choice) right after ``context`` (a
+    text ending with the forced prefix, e.g. ``Answer:``): the choice with a leading space and without one, each
+    where it is a single token after the context's own tokens (tokenizers differ: after ``Answer:`` a BPE
+    tokenizer spells ``" A"`` and ``"A"`` as two different tokens; the judge may write either).
+
+    Returns:
+        one tuple of token ids per choice (one or two ids each); a choice's probability is their summed probability.
+
+    Raises:
+        ExpertChatError: a choice has no single-token spelling after the context, or two choices share a token
+            (``key`` names the setting to change).
+    """
+    base = tokenizer(context, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in choices:
+        found: list[int] = []
+        for spelling in (" " + choice, choice):
+            ids = tokenizer(context + spelling, add_special_tokens=False)["input_ids"]
+            if ids[:len(base)] == base and len(ids) == len(base) + 1 and ids[-1] not in found:
+                found.append(ids[-1])
+        if not found:
+            raise ExpertChatError(f"{key}: the choice {choice!r} is not one token of its own after "
+                                  f"{context[-20:]!r}; end the prefix with a colon, e.g. 'Answer:'")
+        out.append(tuple(found))
+    if len({t for ids in out for t in ids}) != sum(len(ids) for ids in out):
+        raise ExpertChatError(f"{key}: the choices {', '.join(choices)} share a token after {context[-20:]!r}")
+    return tuple(out)
+
+
+def choice_probabilities(logits: torch.Tensor, choices: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Probabilities of a forced choice from the next-token logits after its prompt (``[..., V]``): each choice's
+    summed probability over its spellings (:func:`choice_tokens`), renormalized over the choices.
+
+    Returns:
+        (probs ``[..., K]`` for the K choices, summing to 1; mass ``[...]`` = their total before renormalizing).
+
+    >>> p, mass = choice_probabilities(torch.tensor([0.0, math.log(3.0), 0.0, 0.0]), ((1,), (2, 3)))
+    >>> [round(v, 4) for v in p.tolist()], round(mass.item(), 4)
+    ([0.6, 0.4], 0.8333)
+    """
+    p = logits.float().softmax(-1)
+    columns = torch.stack([p[..., list(ids)].sum(-1) for ids in choices], dim=-1)
+    mass = columns.sum(-1)
+    return columns / mass.clamp_min(1e-30).unsqueeze(-1), mass
 
 
 def expected_score(probs: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ a signal turns it into a :class:`CategoryScore`. Adding a signal is one entry he
 
 Needs (what :class:`~expertchat.judging.judge.Judge` computes when some active category's signal asks for it):
 ``distributions`` (the score-token distributions of every phrasing, expected mode), ``logprobs`` (the answer's
-token log-probs with and without the context: the PMI), ``replies`` (parse mode's generated replies).
+token log-probs with and without the context: the PMI), ``replies`` (parse mode's generated replies), ``turing``
+(the forced choice "a human expert or an AI?" in both letter orders).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Measured:
         wim: the judge's "what is missing" text, as generated.
         wim_parsed: the WIM came from a parse-mode reply's ``[[[...]]]``.
         replies: parse mode: category -> the judge's generated reply.
+        turing: per letter order (A = human expert, then A = AI): (p(human expert) renormalized over the two
+            letters, the probability the judge put on the two letters).
     """
 
     answer_tokens: int = 0
@@ -53,6 +56,7 @@ class Measured:
     wim: str | None = None
     wim_parsed: bool = False
     replies: dict[str, str] = field(default_factory=dict)
+    turing: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -60,21 +64,22 @@ class CategoryScore:
     """A category's score in [1, 10] (``None``: unparseable and skipped) and how it was obtained."""
 
     score: float | None
-    signal: str  # rubric | likelihood | blend | parse
+    signal: str  # rubric | likelihood | blend | parse | turing
     status: str = "ok"  # ok | parse_failure (parse mode) | empty_answer
     dist: list[float] | None = None  # expected mode: renormalized probabilities of the scores 1..10
     argmax: int | None = None
     entropy: float | None = None  # nats, of ``dist``
-    mass: float | None = None  # probability the judge put on the ten scores before renormalizing
+    mass: float | None = None  # probability the judge put on the ten scores (turing: two letters), not renormalized
     rubric: float | None = None  # the rubric score behind a likelihood/blend signal
     likelihood: float | None = None  # the likelihood score behind a likelihood/blend signal
     raw: str | None = None  # parse mode: the judge's text (capped)
+    p_human: float | None = None  # turing: the judge's probability that a human expert wrote the turn
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if v is not None or k == "score"}
         if self.dist is not None:
             out["dist"] = [round(p, 5) for p in self.dist]
-        for k in ("score", "entropy", "mass", "rubric", "likelihood"):
+        for k in ("score", "entropy", "mass", "rubric", "likelihood", "p_human"):
             if out.get(k) is not None:
                 out[k] = round(out[k], 5)
         return out
@@ -134,12 +139,26 @@ def blend(m: Measured, name: str, cfg: JudgingConfig) -> CategoryScore:
     return cs
 
 
+def turing(m: Measured, name: str, cfg: JudgingConfig) -> CategoryScore:
+    """The seed's game as a signal: the judge's probability that a human expert rather than an AI wrote the turn,
+    p = p_A / (p_A + p_B) from its next-token probabilities after a forced-choice question (``judging.turing``),
+    asked in both letter orders (A = human expert, then A = AI) and averaged, which cancels a small judge's
+    preference for one letter or position (selection bias: Zheng et al. 2024, "Large Language Models Are Not Robust
+    Multiple Choice Selectors", whose permutation baseline this is). Score 1 + 9 p in [1, 10]; ``mass`` is the
+    probability the judge put on the two letters (mean of both orders). The category's wording is not read.
+    """
+    p = sum(ph for ph, _ in m.turing) / len(m.turing)
+    mass = sum(ms for _, ms in m.turing) / len(m.turing)
+    return CategoryScore(score=1.0 + 9.0 * p, signal="turing", p_human=p, mass=mass)
+
+
 # The registry: a category's configured signal -> how it is scored. "rating" in ``needs``: the mode's rating signal.
 SIGNALS: dict[str, Signal] = {
     "rubric": Signal(frozenset({"distributions"}), rubric),
     "parse": Signal(frozenset({"replies"}), parse),
     "likelihood": Signal(frozenset({"logprobs"}), likelihood),
     "blend": Signal(frozenset({"logprobs", "rating"}), blend),
+    "turing": Signal(frozenset({"turing"}), turing),
 }
 
 

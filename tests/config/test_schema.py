@@ -147,6 +147,10 @@ def test_contrastive_generation_group():
         ("judging.on_parse_failure=zero", "judging.on_parse_failure"),
         ("judging.neutral_score=11", "judging.neutral_score"),
         ("judging.prompt='{question}'", "judging.prompt"),
+        ("judging.turing.question='Who wrote it? {who}'", "judging.turing.question"),
+        ("judging.turing.question='Human or AI?'", "judging.turing.question"),  # neither {a} nor {b}
+        ("judging.turing.ai='a human expert'", "judging.turing.human"),
+        ("judging.turing.prefix=' '", "judging.turing.prefix"),
         ("mode=rate", "rate.input"),
         ("mode=judge", "mode"),
         ("dialogue.opening='{subject}'", "dialogue.opening"),
@@ -198,6 +202,10 @@ def test_two_likelihood_categories_warn_and_the_default_does_not():
     doubled = compose_cfg("judging.rubric.depth.weight=1.0", "judging.rubric.depth.signal=likelihood").judging
     assert "knowledge and depth" in doubled.same_signal_warning() and "67%" in doubled.same_signal_warning()
     assert compose_cfg("judging=rubric").judging.same_signal_warning() is None
+    turing = compose_cfg("judging.rubric.human_expert_likeness.signal=turing").judging
+    assert turing.rubric["human_expert_likeness"].signal == "turing" and turing.same_signal_warning() is None
+    twice = compose_cfg("judging.rubric.human_expert_likeness.signal=turing", "judging.rubric.knowledge.signal=turing")
+    assert "knowledge and human_expert_likeness all read the turing signal" in twice.judging.same_signal_warning()
 
 
 def test_hardware_profiles_and_the_flagships_choice(monkeypatch):

@@ -161,6 +161,97 @@ def test_long_context_and_answer_are_capped(smol_tokenizer):
     assert j.answer_tokens == 24 and 1 <= j.score <= 10
 
 
+# ----------------------------------------------------------------------------------------- turing signal
+
+TURING = {"human_expert_likeness": RubricCategory("Human?", 1.0, "turing")}
+
+
+def letter_probs(logits: torch.Tensor, choices) -> torch.Tensor:
+    """p(A), p(B) renormalized from next-token logits ``[V]``, each letter's spellings summed (the reference)."""
+    p = logits.float().softmax(-1)
+    pa, pb = (sum(float(p[t]) for t in ids) for ids in choices)
+    return torch.tensor([pa, pb]) / (pa + pb)
+
+
+def test_turing_matches_a_plain_forward_in_both_letter_orders(smol_tokenizer):
+    """Each order's p(human expert) is the letter naming a human expert (A, then B) read off a plain forward of
+    prefix + question; the score is 1 + 9 x their mean."""
+    judge = tiny_judge(smol_tokenizer, rubric=TURING, wim=False)
+    pr = judge.prompts
+    assert len(pr.turing_suffixes) == 2 and all(len(ids) == 2 for ids in pr.turing_choices)  # " A" and "A"
+    got = judge.rate(ITEMS)
+    for item, j, m in zip(ITEMS, got, judge.measure(ITEMS, calibrate=False)):
+        prefix, _ = pr.prefix(pr.context_ids(item.context), pr.answer_ids(item.answer))
+        ref = []
+        with torch.no_grad():
+            for order, suffix in enumerate(pr.turing_suffixes):  # order 0: A = human expert; 1: B = human expert
+                logits = judge.lm.model(input_ids=torch.tensor([prefix + suffix])).logits[0, -1]
+                ref.append(float(letter_probs(logits, pr.turing_choices)[order]))
+        assert [p for p, _ in m.turing] == pytest.approx(ref, abs=1e-4)
+        cs = j.categories["human_expert_likeness"]
+        assert cs.signal == "turing" and cs.p_human == pytest.approx(sum(ref) / 2, abs=1e-4)
+        assert 1 <= j.score <= 10 and j.score == pytest.approx(1 + 9 * cs.p_human)
+
+
+@pytest.fixture
+def crafted_letters():
+    """A forward hook that replaces the judge's next-token logits after each turing question (order 0, order 1)
+    with crafted ones, recording every forward call's input length."""
+    state: dict = {"logits": None, "calls": []}
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs["input_ids"]
+        state["calls"].append(ids.shape[1])
+        for order, suffix in enumerate(state["suffixes"]):
+            if ids.shape[1] >= len(suffix) and ids[0, -len(suffix):].tolist() == suffix:
+                output.logits[:, -1] = state["logits"][order]
+        return output
+
+    state["hook"] = hook
+    return state
+
+
+def letters(vocab: int, probs: dict[int, float]) -> torch.Tensor:
+    logits = torch.full((vocab,), -1e4)
+    for t, p in probs.items():
+        logits[t] = math.log(p)
+    return logits
+
+
+def test_turing_reads_crafted_letter_probabilities_on_one_encoding_of_the_turn(smol_tokenizer, crafted_letters):
+    """A judge 80% sure a human expert wrote the turn, whichever letter names one, its A and B spread over both
+    spellings and 40% of its mass elsewhere: p = 0.8, score 8.2. The turn is encoded once; each order is one suffix."""
+    judge = tiny_judge(smol_tokenizer, rubric=TURING, wim=False, batch_size=8)
+    (a_sp, a), (b_sp, b) = judge.prompts.turing_choices
+    vocab = judge.lm.model.config.vocab_size
+    crafted_letters["suffixes"] = judge.prompts.turing_suffixes
+    crafted_letters["logits"] = [letters(vocab, {a_sp: 0.36, a: 0.12, b_sp: 0.12, 0: 0.4}),  # A = human: 0.48 v 0.12
+                                 letters(vocab, {a: 0.12, b_sp: 0.24, b: 0.24, 0: 0.4})]  # B = human: 0.48 v 0.12
+    judge.lm.model.register_forward_hook(crafted_letters["hook"], with_kwargs=True)
+    got = judge.rate(ITEMS)
+    for j in got:
+        cs = j.categories["human_expert_likeness"]
+        assert cs.p_human == pytest.approx(0.8, abs=1e-5) and cs.mass == pytest.approx(0.6, abs=1e-5)
+        assert j.score == pytest.approx(8.2, abs=1e-4)
+    pr, calls = judge.prompts, crafted_letters["calls"]
+    longest = max(len(pr.prefix(pr.context_ids(it.context), pr.answer_ids(it.answer))[0]) for it in ITEMS)
+    assert calls[-2:] == [len(s) for s in pr.turing_suffixes] and sum(calls[:-2]) == longest  # prefix: once
+
+
+def test_turing_cancels_a_judge_that_always_answers_a(smol_tokenizer, crafted_letters):
+    """A judge that answers A 90% of the time whatever A means: 0.9 and 0.1 average to p = 0.5 (score 5.5)."""
+    judge = tiny_judge(smol_tokenizer, rubric=TURING, wim=False)
+    (a_sp, _), (b_sp, _) = judge.prompts.turing_choices
+    always_a = letters(judge.lm.model.config.vocab_size, {a_sp: 0.9, b_sp: 0.1})
+    crafted_letters["suffixes"], crafted_letters["logits"] = judge.prompts.turing_suffixes, [always_a, always_a]
+    judge.lm.model.register_forward_hook(crafted_letters["hook"], with_kwargs=True)
+    [m] = judge.measure(ITEMS[:1], calibrate=False)
+    assert [p for p, _ in m.turing] == pytest.approx([0.9, 0.1], abs=1e-5)
+    [j] = judge.rate(ITEMS[:1])
+    assert j.categories["human_expert_likeness"].p_human == pytest.approx(0.5, abs=1e-5) and j.score == pytest.approx(
+        5.5, abs=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- parse mode
 
 

@@ -1,4 +1,4 @@
-"""The judge's prompts under the real chat templates of the users' models."""
+"""The judge's prompts under the real chat templates of the users' models; the turing question in both orders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from expertchat.config.schema import JudgingConfig
+from expertchat.config.judging import JudgingConfig, TuringConfig
 from expertchat.judging.prompts import JudgePrompts
 from tests.conftest import DATA
 
@@ -29,3 +29,16 @@ def test_judge_prompts_render_with_the_real_chat_templates(smol_tokenizer, name)
     assert text.count(context) == 1 and text.count(answer) == 1
     assert text.index(context) < text.index(answer) < text.index("knowledge") < text.rindex("Rating: [[")
     assert tok.decode(ids[start:start + len(prompts.answer_ids(answer))]) == answer
+
+
+@pytest.mark.parametrize("prefix", ["Answer:", "Answer: "])
+def test_the_turing_question_comes_in_both_letter_orders_with_its_letters(smol_tokenizer, prefix):
+    """Order 0 names a human expert first (letter A), order 1 an AI first; the reply is forced to start with the
+    prefix less its trailing space (the letter's token carries it), and A and B are read with and without a space."""
+    prompts = JudgePrompts(smol_tokenizer, JudgingConfig(turing=TuringConfig(prefix=prefix)))
+    first, second = (smol_tokenizer.decode(ids) for ids in prompts.turing_suffixes)
+    assert first.startswith("Was this response written by a human expert or by an AI? Answer A for a human expert")
+    assert second.startswith("Was this response written by an AI or by a human expert? Answer A for an AI")
+    assert first.endswith("assistant\nAnswer:") and second.endswith("assistant\nAnswer:")
+    spell = {smol_tokenizer.decode([t]) for ids in prompts.turing_choices for t in ids}
+    assert spell == {" A", "A", " B", "B"} and [len(ids) for ids in prompts.turing_choices] == [2, 2]

@@ -1,5 +1,5 @@
 """The judge's score maths: the rating parser, the WIM cleaner, copied n-grams, score tokens and their
-distribution; and the module's doctests."""
+distribution, the letters of a forced choice and their probabilities; and the module's doctests."""
 
 from __future__ import annotations
 
@@ -11,8 +11,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from expertchat.errors import ExpertChatError
 from expertchat.judging import scoring
-from expertchat.judging.scoring import clean_wim, copied_mask, parse_rating, parse_wim, score_distribution, score_tokens
+from expertchat.judging.scoring import (
+    choice_probabilities,
+    choice_tokens,
+    clean_wim,
+    copied_mask,
+    parse_rating,
+    parse_wim,
+    score_distribution,
+    score_tokens,
+)
 from tests.conftest import DATA, ROOT  # noqa: F401
 
 
@@ -154,3 +164,55 @@ class _MergingTokenizer:
 def test_score_tokens_reject_a_prefix_that_merges():
     with pytest.raises(scoring.ExpertChatError, match="rating_prefix"):
         score_tokens(_MergingTokenizer(), "Rating: [[")
+
+
+# -------------------------------------------------------------------------------------------- forced choice
+
+
+class CharTokenizer:
+    """Every character is a token (its code point): a space is a token of its own, so " A" is two tokens."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+class WordTokenizer:
+    """Whitespace-split words keep their leading space ("Answer:A" is one word): after "Answer:" only " A" is a
+    token of its own (as in tokenizers that always mark a word start)."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text, add_special_tokens=False):
+        import re
+
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in re.findall(r" ?\S+", text)]}
+
+
+def test_choice_tokens_take_every_one_token_spelling(smol_tokenizer):
+    """SmolLM2 spells the letter after "Answer:" as " A" or "A" (two tokens): both count. A tokenizer whose space
+    is its own token has only "A"; one that glues "Answer:A" into a word has only " A"."""
+    ids = lambda tok, text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    smol = choice_tokens(smol_tokenizer, "Answer:")
+    assert smol == ((ids(smol_tokenizer, " A")[0], ids(smol_tokenizer, "A")[0]),
+                    (ids(smol_tokenizer, " B")[0], ids(smol_tokenizer, "B")[0]))
+    assert len({*smol[0], *smol[1]}) == 4
+    assert choice_tokens(CharTokenizer(), "Answer:") == ((ord("A"),), (ord("B"),))
+    word = WordTokenizer()
+    assert choice_tokens(word, "Answer:") == ((word.vocab[" A"],), (word.vocab[" B"],))
+
+
+def test_choice_tokens_refuse_a_choice_without_its_own_token():
+    with pytest.raises(ExpertChatError, match=r"judging\.turing\.prefix: the choice 'AI' is not one token"):
+        choice_tokens(CharTokenizer(), "Answer:", ("AI", "Human"))
+    with pytest.raises(ExpertChatError, match="share a token"):
+        choice_tokens(CharTokenizer(), "Answer:", ("A", "A"))
+
+
+def test_choice_probabilities_sum_the_spellings_and_renormalize():
+    logits = torch.full((2, 6), -1e4)
+    logits[0, [1, 2, 3]] = torch.tensor([0.6, 0.2, 0.2]).log()  # " A", "A", " B"; all mass on the letters
+    logits[1, [0, 1, 3, 4]] = torch.tensor([0.5, 0.1, 0.1, 0.3]).log()  # half the mass elsewhere; B in two spellings
+    p, mass = choice_probabilities(logits, ((1, 2), (3, 4)))
+    assert p[0].tolist() == pytest.approx([0.8, 0.2]) and mass[0].item() == pytest.approx(1.0)
+    assert p[1].tolist() == pytest.approx([0.2, 0.8]) and mass[1].item() == pytest.approx(0.5)

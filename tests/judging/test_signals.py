@@ -63,11 +63,23 @@ def test_likelihood_and_blend():
     assert in_parse.rubric == 3 and in_parse.score == pytest.approx((3 + like) / 2)
 
 
+@pytest.mark.parametrize("orders, p", [([(0.8, 0.9), (0.6, 0.5)], 0.7), ([(0.0, 1.0), (0.0, 1.0)], 0.0),
+                                      ([(1.0, 0.2), (1.0, 0.4)], 1.0), ([(0.9, 0.5), (0.1, 0.5)], 0.5)])
+def test_turing_is_one_plus_nine_p_human_averaged_over_both_letter_orders(orders, p):
+    """p(human expert) is the mean of the two orders (a judge that always answers A is 0.9 and 0.1: p = 0.5)."""
+    cs = SIGNALS["turing"].score(measured(turing=orders), "human_expert_likeness", JudgingConfig())
+    assert cs.signal == "turing" and cs.p_human == pytest.approx(p) and cs.score == pytest.approx(1 + 9 * p)
+    assert 1 <= cs.score <= 10 and cs.mass == pytest.approx(sum(m for _, m in orders) / 2)
+    assert cs.to_json()["p_human"] == pytest.approx(p)
+
+
 def test_what_each_signal_needs_under_each_mode():
     assert resolve("rubric", "expected") == "rubric" and resolve("rubric", "parse") == "parse"
     assert needs("rubric", "expected") == {"distributions"} and needs("likelihood", "parse") == {"logprobs"}
     assert needs("blend", "expected") == {"distributions", "logprobs"}
     assert needs("blend", "parse") == {"replies", "logprobs"}
+    assert needs("turing", "expected") == needs("turing", "parse") == {"turing"}
+    assert resolve("turing", "parse") == "turing"
 
 
 def test_the_configurable_signals_are_the_registrys():
