@@ -33,7 +33,9 @@ def marker(run: Path, point: int) -> dict:
 
 
 def points(run: Path) -> list[int]:
-    return sorted(int(p.name.split(".")[0].split("_")[1]) for p in (run / "stages").glob("round_*.evaluation.json"))
+    """The evaluated rounds (a round left unevaluated keeps a ``skipped`` marker)."""
+    return sorted(int(p.name.split(".")[0].split("_")[1]) for p in (run / "stages").glob("round_*.evaluation.json")
+                  if "models" in json.loads(p.read_text()))
 
 
 def pooled(runs: list[Path], point: int, role: str) -> dict:
@@ -70,7 +72,7 @@ def verdict_tables(runs: list[Path]) -> list[str]:
                 m, p = marker(run, point)["models"][role], marker(run, point).get("pairwise", {}).get(role)
                 d = m["delta_vs_base"]
                 out.append([point, role, run.name, ci(d["mean"], d["ci"]), f"{m['win']}/{m['tie']}/{m['loss']}",
-                            f"x{m['length_ratio']}", ci(p["win_rate"], p["win_rate_ci"]) if p else "-",
+                            f"x{m['length_ratio']:.2f}", ci(p["win_rate"], p["win_rate_ci"]) if p else "-",
                             f"{p['win']}/{p['tie']}/{p['loss']}" if p else "-",
                             ci(p["preference"], p["preference_ci"]) if p else "-",
                             ci(p["lc_win_rate"], p["lc_win_rate_ci"]) if p else "-",
