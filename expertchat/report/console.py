@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from expertchat.report import timing
 from expertchat.stats import fmt
 
 log = logging.getLogger("expertchat")
@@ -142,7 +143,8 @@ def config_lines(cfg: Any, choices: dict[str, str]) -> list[str]:
 
 
 def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: float | None) -> list[str]:
-    """The block a run ends on: what ran, the last round's headline figures, where the results are."""
+    """The block a run ends on: what ran, the last round's headline figures and timing split (its stages' summed
+    :mod:`~expertchat.report.timing`), where the results are."""
     root = str(run_dir)
     took = f" in {seconds:.0f} s" if seconds is not None else ""
     out = [f"Done: {rounds} round{'s' * (rounds != 1)}{took}. Round {rounds - 1}:"]
@@ -171,6 +173,10 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append("  evaluation  " + "; ".join(
             f"{role} held-out reward {fmt(m['reward_mean'])}, vs base {fmt((m['delta_vs_base'] or {}).get('mean'))} "
             f"(win-rate {fmt(m['win_rate'], 2)})" for role, m in evaluated.items()))
+    timings = [s["timing"] for name, s in summary.items()
+               if name != "base" and isinstance(s, dict) and isinstance(s.get("timing"), dict)]
+    if timings:
+        out.append("  timing      " + timing.summary_line(timing.merge(timings)))
     out.append(f"  run folder  {root} (report.md, turns.jsonl, ratings.jsonl, interaction.jsonl, train_metrics.jsonl, "
                f"rewards_by_round.json, eval.jsonl, expertchat.log)")
     if trained:

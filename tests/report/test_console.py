@@ -113,3 +113,17 @@ def test_the_closing_summary_says_what_the_speakers_did_to_each_other(tmp_path):
     (line,) = [x for x in lines if x.startswith("  interaction ")]
     assert line == ("  interaction actor echo 0.17, agrees 0.06, topic adherence 0.40 (drift -0.25); judge echo 0.15, "
                     "agrees 0.25, topic adherence 0.30 (drift n/a)")
+
+
+def test_the_closing_summary_gives_the_rounds_timing_split(tmp_path):
+    from expertchat.report.console import summary_lines
+
+    summary = {"dialogue": {"timing": {"generation": {"actor": {"seconds": 2.0, "tokens": 100, "tok_per_s": 50.0}},
+                                       "stage_seconds": 2.5}},
+               "training": {"timing": {"generation": {"actor": {"seconds": 1.0, "tokens": 20, "tok_per_s": 20.0}},
+                                       "judging": {"judge": {"seconds": 4.0, "ratings": 8, "s_per_1k_ratings": 500.0}},
+                                       "training": {"actor": {"seconds": 3.0}}, "stage_seconds": 8.5}},
+               "base": {"timing": {"generation": {"actor": {"seconds": 99.0, "tokens": 1}}}}}  # not this round's
+    (line,) = [x for x in summary_lines(tmp_path, 1, summary, 12.0) if x.startswith("  timing ")]
+    assert line == ("  timing      generation 3.0 s (actor 3.0 s, 40 tok/s); judging 4.0 s (judge 4.0 s, 500 s/1k "
+                    "ratings); training 3.0 s (actor 3.0 s); stages 11.0 s")
