@@ -26,8 +26,9 @@ tok/s = generated tokens (stop tokens included) over wall time. ``step_seconds``
 at 32 dialogues; ``turn8_vs_turn1`` = last turn's step time / first turn's; ``prefilled_fraction``: the share of
 the stage's prompt tokens that were prefilled (the rest came from the prefix cache), overall and at the last turn.
 ``adapter_vs_base32``: the adapter stage's tok/s over the base stage's. ``roofline``: the machine's measured bf16 and
-fp32 matmul GFLOP/s (1024^3, and bf16 at a batch-32 decode shape); ``stage32_roofline_fraction``: the stage's
-share of the bf16 peak at 2 FLOPs per parameter per token (``_decode_``: of the decode-shape rate). ``cpu``,
+fp32 matmul GFLOP/s (1024^3, and at a batch-32 decode shape); ``stage32_roofline_fraction``: the stage's
+share of the peak of its dtype (``roofline_dtype``; a CPU without AVX512-BF16 runs the model in fp32) at 2 FLOPs per
+parameter per token (``_decode_``: of the decode-shape rate). ``cpu``,
 ``cpu_flags``, ``torch_cpu_capability``: which CPU and kernels ran. ``load1``: the 1-minute load average at the
 start and the end. Progress (one JSON line per run) goes to stderr.
 """
@@ -55,7 +56,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from benchlib import alternate, load, machine, median, median_list, note, roofline, roofline_fraction  # noqa: E402
 
-from expertchat.config.schema import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
+from expertchat.config.schema import CONF, DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
 from expertchat.engine.models import LoadedModel, load_model, render_prompt  # noqa: E402
 from expertchat.policies.adapters import Policies  # noqa: E402
 from expertchat.policies.merging import MergedCopies  # noqa: E402
@@ -186,7 +187,7 @@ def main() -> None:
                                                 "(default: all); ratios need both of their paths")
     args = ap.parse_args()
 
-    conf = ROOT / "expertchat" / "conf"
+    conf = CONF
     sampling = yaml.safe_load((conf / "generation" / "high_temp.yaml").read_text())
     gen = GenerationConfig(**{**sampling, "max_new_tokens": args.new_tokens})
     cfg = DialogueConfig(turns=args.turns)
@@ -221,6 +222,7 @@ def main() -> None:
     if failed:  # a later run died (the probe did not): the column is dropped, and why is said
         skipped, runs = f"llama.cpp column dropped: {failed[0]}", {k: v for k, v in runs.items() if k != "llamacpp"}
     rates = roofline()
+    kind = "bf16" if lm.model.dtype == torch.bfloat16 else "fp32"  # the peak of the dtype the stage ran in
 
     tok_s = {name: round(median(r, "tok_s"), 2) for name, r in runs.items()}
 
@@ -250,11 +252,12 @@ def main() -> None:
         "llamacpp": skipped or ("single-stream, same GGUF (Q4_1), same sampling settings, own process"
                                 if "llamacpp" in runs else "not run (--paths)"),
         "llamacpp_build": build or None,
-        "roofline": rates,  # the machine's measured matmul GFLOP/s; the stage's share of the bf16 peak:
+        "roofline": rates,  # the machine's measured matmul GFLOP/s; the stage's share of its dtype's peak:
         f"stage{big}_roofline_fraction": roofline_fraction(tok_s.get(f"stage{big}"), lm.model.num_parameters(),
-                                                           rates["bf16_gflops"]),
+                                                           rates[f"{kind}_gflops"]),
         f"stage{big}_decode_roofline_fraction": roofline_fraction(tok_s.get(f"stage{big}"), lm.model.num_parameters(),
-                                                                  rates["bf16_decode32_gflops"]),
+                                                                  rates[f"{kind}_decode32_gflops"]),
+        "roofline_dtype": kind,
         **machine(),
         "dtype": str(lm.model.dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "turns": args.turns,
         "repeats": args.repeats, "load1": [load_start, load()],

@@ -93,12 +93,13 @@ def matmul_gflops(dtype: Any, m: int, k: int, n: int, seconds: float = 0.5) -> f
 
 def roofline() -> dict[str, float]:
     """The machine's measured matmul rates (GFLOP/s): bf16 and fp32 at a large square shape (1024^3: the peak a
-    stage could reach) and bf16 at a batch-32 decode shape of SmolLM2-135M (``[32, 576] @ [576, 1536]``)."""
+    stage could reach) and at a batch-32 decode shape of SmolLM2-135M (``[32, 576] @ [576, 1536]``)."""
     import torch
 
     return {"bf16_gflops": matmul_gflops(torch.bfloat16, 1024, 1024, 1024),
             "fp32_gflops": matmul_gflops(torch.float32, 1024, 1024, 1024),
-            "bf16_decode32_gflops": matmul_gflops(torch.bfloat16, 32, 576, 1536)}
+            "bf16_decode32_gflops": matmul_gflops(torch.bfloat16, 32, 576, 1536),
+            "fp32_decode32_gflops": matmul_gflops(torch.float32, 32, 576, 1536)}
 
 
 def roofline_fraction(tok_s: float | None, params: int, peak_gflops: float) -> float | None:
