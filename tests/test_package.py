@@ -125,8 +125,9 @@ def test_doctests(name):
 
 
 # Test files above the rooms: the whole product (the CLI, kills and resumes, Slurm, the launcher scripts, this file,
-# the gpu tier).
-PRODUCT_TESTS = {"test_main", "test_crash", "test_slurm", "test_launchers", "test_package", "test_gpu"}
+# the gpu tier, the benchmarks' shared parts).
+PRODUCT_TESTS = {"test_main", "test_crash", "test_slurm", "test_launchers", "test_package", "test_gpu",
+                 "test_benchmarks"}
 
 
 def test_test_files_mirror_the_modules():

@@ -15,14 +15,21 @@ chat template) with the same sampling settings (``conf/generation/high_temp.yaml
 * ``generate``: what a user of transformers would write: lockstep dialogues, one batched ``model.generate`` per
   turn on left-padded prompts, re-prefilling each turn, same dtype;
 * ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32;
-* ``llamacpp``: llama.cpp single-stream (``llama-cpp-python``, the ``bench`` extra) on the same GGUF, one dialogue
-  at a time (it reuses the common prefix of consecutive prompts itself); skipped with a note when not installed.
+* ``llamacpp``: llama.cpp single-stream (``llama-cpp-python``, the ``bench`` extra, or ``--llamacpp-site DIR``) on
+  the same GGUF, one dialogue at a time (it reuses the common prefix of consecutive prompts itself), in a process of
+  its own (``llamacpp_column.py``): a build that dies (SIGILL on a CPU that advertises AMX / AVX512-BF16 the VM
+  does not allow) or is missing skips the column with the reason; ``llamacpp_build`` gives its version, library
+  and llama.cpp's system-info string.
 
 The paths run alternately (A, B, C, A, B, C, ...; ``repeats`` times) and each figure is the median over repeats.
 tok/s = generated tokens (stop tokens included) over wall time. ``step_seconds``: the stage's per-turn step times
 at 32 dialogues; ``turn8_vs_turn1`` = last turn's step time / first turn's; ``prefilled_fraction``: the share of
 the stage's prompt tokens that were prefilled (the rest came from the prefix cache), overall and at the last turn.
-``adapter_vs_base32``: the adapter stage's tok/s over the base stage's. ``load1``: the 1-minute load average at the
+``adapter_vs_base32``: the adapter stage's tok/s over the base stage's. ``roofline``: the machine's measured bf16 and
+fp32 matmul GFLOP/s (1024^3, and at a batch-32 decode shape); ``stage32_roofline_fraction``: the stage's
+share of the peak of its dtype (``roofline_dtype``; a CPU without AVX512-BF16 runs the model in fp32) at 2 FLOPs per
+parameter per token (``_decode_``: of the decode-shape rate). ``cpu``,
+``cpu_flags``, ``torch_cpu_capability``: which CPU and kernels ran. ``load1``: the 1-minute load average at the
 start and the end. Progress (one JSON line per run) goes to stderr.
 """
 
@@ -32,6 +39,8 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from benchlib import alternate, load, median, median_list, note  # noqa: E402
+from benchlib import alternate, load, machine, median, median_list, note, roofline, roofline_fraction  # noqa: E402
 
-from expertchat.config.schema import DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
-from expertchat.engine.models import LoadedModel, load_model, package_dir, render_prompt  # noqa: E402
+from expertchat.config.schema import CONF, DialogueConfig, GenerationConfig, ModelConfig, TopicsConfig, TrainingConfig  # noqa: E402
+from expertchat.engine.models import LoadedModel, load_model, render_prompt  # noqa: E402
 from expertchat.policies.adapters import Policies  # noqa: E402
 from expertchat.policies.merging import MergedCopies  # noqa: E402
 from expertchat.runs.store import RunStore  # noqa: E402
@@ -141,29 +150,27 @@ def seed_way(lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: Gener
     return {"tok_s": tokens / (time.perf_counter() - start)}
 
 
-def llamacpp_way(llm, lm: LoadedModel, topics: list[str], cfg: DialogueConfig, gen: GenerationConfig) -> dict:
-    """llama.cpp single-stream: one dialogue at a time, the same rendered prompts and sampling settings."""
-    tokens, start = 0, time.perf_counter()
-    for topic in topics:
-        d = Dialogue("d", topic)
-        for turn in range(cfg.turns):
-            role = speaker(turn)
-            prompt = render_prompt(lm.tokenizer, cfg.persona(role, topic), context(d, role, turn, cfg))
-            out = llm.create_completion(prompt, max_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                                        top_p=gen.top_p, top_k=gen.top_k, seed=turn)
-            tokens += out["usage"]["completion_tokens"] + int(out["choices"][0]["finish_reason"] == "stop")
-            d.turns.append({"role": role, "text": out["choices"][0]["text"].strip()})
-    return {"tok_s": tokens / (time.perf_counter() - start)}
-
-
-def llama_cpp_model(threads: int):
-    """A llama.cpp model on the embedded GGUF, or None (with the reason) when llama-cpp-python is missing."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None, "llama-cpp-python not installed (pip install 'expertchat[bench]'): llamacpp column skipped"
-    path = package_dir(SMOLLM2.package) / SMOLLM2.gguf_file
-    return Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_batch=512, verbose=False), None
+def llamacpp_column(topics: list[str], cfg: DialogueConfig, gen: GenerationConfig, site: str | None) -> dict:
+    """The llama.cpp column in its own process (``llamacpp_column.py``): its figures and build, or ``failed`` with
+    why (not installed, or killed by a signal such as SIGILL: an instruction the machine does not allow)."""
+    args = {"topics": topics, "turns": cfg.turns, "new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
+            "top_p": gen.top_p, "top_k": gen.top_k, "threads": torch.get_num_threads()}
+    env = dict(os.environ)
+    if site:  # e.g. a `pip install --target DIR llama-cpp-python` kept out of the project's environment
+        env["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp_column.py")), json.dumps(args)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode)
+        why = f"killed by {sig.name} ({signal.strsignal(sig)})"
+    else:
+        lines = proc.stderr.strip().splitlines()
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+    build = next((json.loads(line)["llamacpp_build"] for line in proc.stderr.splitlines()
+                  if line.startswith('{"llamacpp_build"')), None)
+    return {"failed": why, **(build or {})}
 
 
 def main() -> None:
@@ -174,11 +181,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed-dialogues", type=int, default=1, help="dialogues of the slow fp32 seed path")
     ap.add_argument("--llamacpp-dialogues", type=int, default=2, help="dialogues of the llama.cpp path")
+    ap.add_argument("--llamacpp-site", default=os.environ.get("LLAMACPP_SITE"),
+                    help="a folder holding llama_cpp (pip install --target DIR llama-cpp-python), if not installed")
     ap.add_argument("--paths", default="", help="comma-separated subset of the paths, e.g. stage32,stage_adapter32 "
                                                 "(default: all); ratios need both of their paths")
     args = ap.parse_args()
 
-    conf = ROOT / "expertchat" / "conf"
+    conf = CONF
     sampling = yaml.safe_load((conf / "generation" / "high_temp.yaml").read_text())
     gen = GenerationConfig(**{**sampling, "max_new_tokens": args.new_tokens})
     cfg = DialogueConfig(turns=args.turns)
@@ -188,7 +197,10 @@ def main() -> None:
 
     lm, fp32 = load_model(SMOLLM2), load_model(dataclasses.replace(SMOLLM2, dtype="float32"))
     policies = adapter_policies(load_model(SMOLLM2))
-    llm, skipped = llama_cpp_model(torch.get_num_threads())
+    probe = llamacpp_column(topics[:1], DialogueConfig(turns=1), dataclasses.replace(gen, max_new_tokens=4),
+                            args.llamacpp_site)  # a crash (SIGILL) or a missing package shows here, in a child process
+    skipped = f"llama.cpp column skipped: {probe['failed']}" if "failed" in probe else None
+    build = {k: probe.get(k) for k in ("llama_cpp_python", "library", "system_info") if probe.get(k)}
     stage(lm, topics[:2], DialogueConfig(turns=2), gen)  # warm-up
     big = max(args.dialogues)
     paths = {}
@@ -199,13 +211,18 @@ def main() -> None:
     paths[f"stage_adapter{big}"] = lambda: adapter_stage(policies, "auto", topics[:big], cfg, gen)
     paths[f"stage_adapter_unmerged{big}"] = lambda: adapter_stage(policies, "never", topics[:big], cfg, gen)
     paths["seed"] = lambda: seed_way(fp32, topics[:args.seed_dialogues], cfg, gen)
-    if llm is not None:
-        paths["llamacpp"] = lambda: llamacpp_way(llm, lm, topics[:args.llamacpp_dialogues], cfg, gen)
+    if skipped is None:
+        paths["llamacpp"] = lambda: llamacpp_column(topics[:args.llamacpp_dialogues], cfg, gen, args.llamacpp_site)
     else:
         note(skipped=skipped)
     if args.paths:
         paths = {name: run for name, run in paths.items() if name in args.paths.split(",")}
     runs = alternate(paths, args.repeats)
+    failed = [r["failed"] for r in runs.get("llamacpp", []) if "failed" in r]
+    if failed:  # a later run died (the probe did not): the column is dropped, and why is said
+        skipped, runs = f"llama.cpp column dropped: {failed[0]}", {k: v for k, v in runs.items() if k != "llamacpp"}
+    rates = roofline()
+    kind = "bf16" if lm.model.dtype == torch.bfloat16 else "fp32"  # the peak of the dtype the stage ran in
 
     tok_s = {name: round(median(r, "tok_s"), 2) for name, r in runs.items()}
 
@@ -232,10 +249,18 @@ def main() -> None:
                                          if stage_steps else None),
         "step_seconds": stage_steps, "step_seconds_noprefix": steps(f"stage_noprefix{big}"),
         "step_seconds_generate": generate_steps,
-        "llamacpp": skipped or ("single-stream, same GGUF (Q4_1), same sampling settings" if "llamacpp" in runs
-                                else "not run (--paths)"),
+        "llamacpp": skipped or ("single-stream, same GGUF (Q4_1), same sampling settings, own process"
+                                if "llamacpp" in runs else "not run (--paths)"),
+        "llamacpp_build": build or None,
+        "roofline": rates,  # the machine's measured matmul GFLOP/s; the stage's share of its dtype's peak:
+        f"stage{big}_roofline_fraction": roofline_fraction(tok_s.get(f"stage{big}"), lm.model.num_parameters(),
+                                                           rates[f"{kind}_gflops"]),
+        f"stage{big}_decode_roofline_fraction": roofline_fraction(tok_s.get(f"stage{big}"), lm.model.num_parameters(),
+                                                                  rates[f"{kind}_decode32_gflops"]),
+        "roofline_dtype": kind,
+        **machine(),
         "dtype": str(lm.model.dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "turns": args.turns,
-        "repeats": args.repeats, "threads": torch.get_num_threads(), "load1": [load_start, load()],
+        "repeats": args.repeats, "load1": [load_start, load()],
     })
     print(json.dumps(result))
 

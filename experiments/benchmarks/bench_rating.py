@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from benchlib import alternate, load, median  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from expertchat.config.schema import JudgingConfig, ModelConfig  # noqa: E402
+from expertchat.config.schema import CONF, JudgingConfig, ModelConfig  # noqa: E402
 from expertchat.engine.models import load_model  # noqa: E402
 from expertchat.judging.judge import Judge, RatingItem  # noqa: E402
 
@@ -44,7 +44,7 @@ from expertchat.judging.judge import Judge, RatingItem  # noqa: E402
 def preset(name: str) -> JudgingConfig:
     """A ``conf/judging`` preset merged onto the schema, as Hydra composes it."""
     merged = OmegaConf.merge(OmegaConf.structured(JudgingConfig),
-                             OmegaConf.load(ROOT / "expertchat" / "conf" / "judging" / f"{name}.yaml"))
+                             OmegaConf.load(CONF / "judging" / f"{name}.yaml"))
     return OmegaConf.to_object(merged)
 
 

@@ -13,7 +13,13 @@ reward (the judge, SmolLM2 as it was loaded, through ``rewards.reward_for`` with
 
 The paths alternate (A, B, A, B, ...; ``repeats`` times); each figure is the median seconds per step (the
 trainer's wall time over its steps, model loading excluded). ``ratio`` = stock / project (> 1: the project's is
-faster). ``load1``: the 1-minute load average at start and end. Progress goes to stderr.
+faster). ``project_split``: the project step's timing split (median seconds per step of sampling, the partner's
+judging and the rest of the step, and the reference's forwards within that rest). ``judging``: the partner's
+judging of a step's completions (``--judge-prompts`` prompts x 2 samples of 32 tokens after real 2-turn contexts
+of ~``--context-tokens`` tokens, the default judging with the WIM), each context encoded once (``shared``, the
+default) vs every item whole (``whole``), in alternation: seconds per 1,000 ratings and the largest difference of
+any reward between the two. ``cpu``, ``roofline`` (measured matmul GFLOP/s): the machine. ``load1``: the 1-minute
+load average at start and end. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -34,8 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from benchlib import alternate, load, median  # noqa: E402
+from benchlib import alternate, load, machine, median, roofline  # noqa: E402
 
 from expertchat.config.schema import DialogueConfig, JudgingConfig, ModelConfig, RewardConfig, TrainingConfig  # noqa: E402
 from expertchat.engine.models import load_model  # noqa: E402
@@ -67,7 +72,43 @@ def project(cfg: TrainingConfig, reward_for, n: int) -> dict:
     policies = Policies({"actor": lm, "judge": lm}, dataclasses.replace(cfg, bidirectional=False))
     with tempfile.TemporaryDirectory() as tmp:
         summary = train_round(policies, 0, dialogues(n), reward_for, DialogueConfig(), RunStore(tmp), seed=0)
-    return {"seconds_per_step": summary["roles"]["actor"]["seconds_per_step"]}
+    t, steps = summary["timing"], cfg.steps
+    return {"seconds_per_step": summary["roles"]["actor"]["seconds_per_step"],
+            "generation_s": t["generation"]["actor"]["seconds"] / steps,
+            "judging_s": t["judging"]["judge"]["seconds"] / steps,
+            "training_s": t["training"]["actor"]["seconds"] / steps,
+            "reference_s": summary["roles"]["actor"]["reference_seconds"] / steps}
+
+
+def judging(prompts: int, context_tokens: int, repeats: int) -> dict:
+    """The partner's judging of one step's 2 x ``prompts`` completions, contexts shared vs every item whole."""
+    from expertchat.judging.judge import Judge
+    from expertchat.judging.rewards import JudgeReward, load_embedder
+
+    lm = load_model(SMOLLM2)
+    rows = [json.loads(line) for line in (ROOT / "tests" / "data" / "judge_pairs.jsonl").read_text().splitlines()]
+
+    def cut(text: str, n: int) -> str:
+        return lm.tokenizer.decode(lm.tokenizer(text, add_special_tokens=False)["input_ids"][:n])
+
+    contexts = [[r["question"], cut(r["good"], max(context_tokens - 30, 8))] for r in rows[:prompts]]
+    samples = [[{"role": "assistant", "content": cut(r[k], 32)}] for k in ("good", "poor") for r in rows[:prompts]]
+    cfg, reward = JudgingConfig(), RewardConfig()
+    embedder = load_embedder(reward.embedder)
+
+    def run(shared: bool) -> dict:
+        r = JudgeReward(Judge(lm, cfg, share_context=shared), reward, embedder)
+        start = time.perf_counter()
+        parts = r.parts([[]] * len(samples), samples, contexts * 2)
+        return {"s_per_1k": 1000 * (time.perf_counter() - start) / len(samples), "rewards": [p.reward for p in parts]}
+
+    run(True)  # warm-up
+    runs = alternate({"shared": lambda: run(True), "whole": lambda: run(False)}, repeats)
+    diff = max(abs(a - b) for x, y in zip(runs["shared"], runs["whole"]) for a, b in zip(x["rewards"], y["rewards"])
+               if a is not None and b is not None)
+    s_shared, s_whole = median(runs["shared"], "s_per_1k"), median(runs["whole"], "s_per_1k")
+    return {"shared_s_per_1k_ratings": round(s_shared, 1), "whole_s_per_1k_ratings": round(s_whole, 1),
+            "ratio": round(s_whole / s_shared, 2), "max_reward_difference": round(diff, 6), "ratings": len(samples)}
 
 
 def stock(cfg: TrainingConfig, reward_for, n: int) -> dict:
@@ -101,20 +142,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dialogues", type=int, default=4)
+    ap.add_argument("--judge-prompts", type=int, default=4, help="prompts of the judging comparison (2 samples each)")
+    ap.add_argument("--context-tokens", type=int, default=160, help="about the tokens of each judged context")
+    ap.add_argument("--no-stock", action="store_true", help="only the project's path and the judging comparison")
     args = ap.parse_args()
     from expertchat.judging.rewards import reward_for as make_reward_for
 
     load_start = load()
     cfg = TrainingConfig(steps=args.steps)
     reward_for = make_reward_for(JudgingConfig(), RewardConfig())
-    runs = alternate({"stock": lambda: stock(cfg, reward_for, args.dialogues),
-                      "project": lambda: project(cfg, reward_for, args.dialogues)}, args.repeats)
-    s_stock, s_project = median(runs["stock"], "seconds_per_step"), median(runs["project"], "seconds_per_step")
+    paths = {"stock": lambda: stock(cfg, reward_for, args.dialogues),
+             "project": lambda: project(cfg, reward_for, args.dialogues)}
+    runs = alternate({k: v for k, v in paths.items() if k != "stock" or not args.no_stock}, args.repeats)
+    s_stock = median(runs["stock"], "seconds_per_step") if "stock" in runs else None
+    s_project = median(runs["project"], "seconds_per_step")
     print(json.dumps({
-        "stock_s_per_step": round(s_stock, 2), "project_s_per_step": round(s_project, 2),
-        "ratio": round(s_stock / s_project, 2), "steps": args.steps, "batch_size": cfg.batch_size,
-        "max_new_tokens": cfg.max_new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "load1": [load_start, load()],
+        "stock_s_per_step": s_stock and round(s_stock, 2), "project_s_per_step": round(s_project, 2),
+        "ratio": s_stock and round(s_stock / s_project, 2),
+        "project_split": {k: round(median(runs["project"], f"{k}_s"), 2)
+                          for k in ("generation", "judging", "training", "reference")},
+        "judging": judging(args.judge_prompts, args.context_tokens, args.repeats),
+        "steps": args.steps, "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+        "repeats": args.repeats, "roofline": roofline(), **machine(), "load1": [load_start, load()],
     }))
 
 

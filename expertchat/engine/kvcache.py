@@ -148,7 +148,6 @@ def make_cache(model: PreTrainedModel, capacity: int, preallocate: bool = True) 
     return cache
 
 
-
 def forward_kwargs(model: PreTrainedModel) -> tuple[str, bool]:
     """Name of the cache argument of ``model.forward`` and whether it accepts ``logits_to_keep`` (of the wrapped
     model for a PEFT model, whose own forward takes ``**kwargs``)."""
@@ -226,57 +225,86 @@ class CacheRunner:
 
 
 class PrefixBatch:
-    """A batch of left-padded prefixes run through the judge once, with the KV cache kept so that suffixes can
-    be run on top of it (and cropped off again).
+    """A batch of left-padded prefixes run through the judge once, the KV cache kept so that suffixes can be run on
+    top of it (and cropped off again). Only the model's own forward is called (``model(input_ids=...,
+    attention_mask=..., position_ids=..., cache=..., logits_to_keep=...)``), so a wrapper that switches LoRA
+    adapters per call judges with the right weights. ``tail_keep`` positions of logits are kept from the prefix
+    pass: the answer's span must end that close to the end of every prefix (a fixed template tail follows it).
 
-    Only the model's own forward is called (``model(input_ids=..., attention_mask=..., position_ids=...,
-    cache=..., logits_to_keep=...)``), so a wrapper that switches LoRA adapters per call judges with the right
-    weights. ``tail_keep`` positions of logits are kept from the prefix pass: the answer's span must end that
-    close to the end of every prefix (it does: a fixed template tail follows the answer).
+    ``shared`` leading tokens common to every prefix (the judge template's head) run once, their cache copied to
+    every row. ``split`` (a count per row) goes a level further: rows whose first ``split[r]`` tokens are equal (two
+    samples judged in one context) run them once as a group row whose cache is copied to each, then only their own
+    rest (at least the last token); logits (``tail_keep``) come from those rests. Without two such rows the layout
+    is the plain one. ``reserve`` positions after the prefixes are allocated with the cache
+    (:class:`PreallocatedLayer`: suffixes and the WIM continuation write in place; a longer one grows the buffer).
 
-    ``shared`` leading tokens common to every prefix (the judge template's head) are run once and their cache
-    is copied to every row; the rows are padded between that head and the rest. ``reserve`` positions after
-    the prefixes are allocated with the cache (:class:`PreallocatedLayer`: suffixes and the WIM continuation
-    write in place); a longer suffix still fits (the buffer grows).
+    Raises:
+        ValueError: the prefixes do not share their first ``shared`` tokens, or ``split`` is not one count per row.
     """
 
     def __init__(self, lm: LoadedModel, prefixes: list[list[int]], tail_keep: int = 1, shared: int = 0,
-                 reserve: int = 0) -> None:
+                 reserve: int = 0, split: list[int] | None = None) -> None:
         self.model = lm.model
         self.cache_arg, self.has_keep = forward_kwargs(self.model)
         self.device = next(self.model.parameters()).device
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        capacity = max(len(p) for p in prefixes) + reserve
-        self._new_cache = lambda: make_cache(self.model, capacity)
-        self.cache = self._new_cache()
+        self.pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        probe = make_cache(self.model, 1)  # a sliding-window layer cannot be cropped once past its window: such
+        self.croppable = bool(getattr(probe, "is_croppable", True)) and not any(  # judges rerun prefix + suffix
+            getattr(layer, "is_sliding", False) for layer in getattr(probe, "layers", []))
         self.spent = False  # greedy() dropped finished rows: the cache no longer holds every prefix
-        # a sliding-window layer cannot be cropped once past its window: such judges rerun prefix + suffix instead
-        self.croppable = bool(getattr(self.cache, "is_croppable", True)) and not any(
-            getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", []))
-        b = len(prefixes)
         shared = min([shared] + [len(p) - 1 for p in prefixes]) if self.croppable else 0
         head = prefixes[0][:shared]
         if any(p[:shared] != head for p in prefixes):
             raise ValueError("PrefixBatch: the prefixes do not share their first `shared` tokens")
-        self.prefixes = prefixes
-        rests = [p[shared:] for p in prefixes]
-        width = max(len(p) for p in rests)
-        ids = torch.full((b, width), pad, dtype=torch.long)
-        mask = torch.zeros((b, shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        for r, p in enumerate(rests):
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, shared + width - len(p):] = 1
-        self.ids, self.mask = ids.to(self.device), mask.to(self.device)
-        positions = positions_from_mask(self.mask)
-        self.positions = positions[:, shared:]
-        self.tail_keep = min(tail_keep, width)
+        if split is not None and len(split) != len(prefixes):
+            raise ValueError(f"PrefixBatch: split has {len(split)} counts for {len(prefixes)} prefixes")
+        self.prefixes, split = prefixes, None if split is None else list(split)
+        groups = self._groups(prefixes, shared, split) if split is not None and self.croppable else None
+        parts = [p[shared:] for p in prefixes] if groups is None else groups[0]
+        own = [] if groups is None else [p[n:] for p, n in zip(prefixes, split)]
+        capacity = shared + max(len(p) for p in parts) + max([len(p) for p in own] or [0]) + reserve
+        self._new_cache = lambda: make_cache(self.model, capacity)
+        self.cache = self._new_cache()
+        ids, mask = self._padded(parts, shared)
         if shared:
-            head_ids = torch.tensor([head], dtype=torch.long, device=self.device)
-            self._run(head_ids, self.mask[:1, :shared], positions[:1, :shared], 1)
-            self.cache.batch_repeat_interleave(b)
+            self._run(torch.tensor([head], dtype=torch.long, device=self.device), mask[:1, :shared],
+                      positions_from_mask(mask)[:1, :shared], 1)
+            self.cache.batch_repeat_interleave(len(parts))
+        positions = positions_from_mask(mask)
+        if groups is not None:  # each group's part once, its cache copied to its rows, then each row's own part
+            self._run(ids, mask, positions[:, shared:], 1)
+            rows = torch.tensor(groups[1], device=self.device)
+            self.cache.batch_select_indices(rows)
+            ids, own_mask = self._padded(own, 0)
+            mask = torch.cat([mask.index_select(0, rows), own_mask], 1)
+            positions, shared = positions_from_mask(mask), mask.shape[1] - ids.shape[1]
+        self.ids, self.mask, self.positions = ids, mask, positions[:, shared:]
+        self.tail_keep = min(tail_keep, ids.shape[1])
         self.tail_logits = self._run(self.ids, self.mask, self.positions, self.tail_keep)  # [B, keep, V]
         self.next_pos = self.mask.sum(-1, keepdim=True)
+
+    @staticmethod
+    def _groups(prefixes: list[list[int]], shared: int, split: list[int]) -> tuple[list[list[int]], list[int]] | None:
+        """The groups' parts after the head and each row's group (``split[r]`` clamped to ``[shared, len - 1]`` in
+        place); None when no two rows share their first ``split[r]`` tokens or a group has nothing after the head."""
+        found: dict[tuple[int, ...], int] = {}
+        for r, p in enumerate(prefixes):
+            split[r] = max(shared, min(split[r], len(p) - 1))
+            found.setdefault(tuple(p[:split[r]]), len(found))
+        if len(found) == len(prefixes) or any(len(key) == shared for key in found):
+            return None
+        return [list(key[shared:]) for key in found], [found[tuple(p[:n])] for p, n in zip(prefixes, split)]
+
+    def _padded(self, parts: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``parts`` left-padded: ids ``[n, width]`` and the mask ``[n, shared + width]`` (the head's columns set)."""
+        width = max(len(p) for p in parts)
+        ids = torch.full((len(parts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(parts), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, p in enumerate(parts):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, shared + width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         kwargs: dict[str, Any] = {self.cache_arg: self.cache, "use_cache": True}

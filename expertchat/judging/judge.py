@@ -95,11 +95,14 @@ class Judge:
     Args:
         lm: the judge model and tokenizer (any causal LM; a PEFT-wrapped model works too).
         cfg: the judging configuration (rubric, templates, mode).
+        share_context: items of a batch with the same context (the two samples of a DPO prompt) encode it once
+            (``PrefixBatch(split=...)``); False encodes every item whole (the same scores, up to float rounding).
     """
 
-    def __init__(self, lm: LoadedModel, cfg: JudgingConfig) -> None:
+    def __init__(self, lm: LoadedModel, cfg: JudgingConfig, share_context: bool = True) -> None:
         self.lm = lm
         self.cfg = cfg
+        self.share_context = share_context
         self.prompts = JudgePrompts(lm.tokenizer, cfg)
         self.counts: dict[str, int] = {"items": 0, "parse_failures": 0, "skipped": 0, "neutral": 0,
                                        "empty_answers": 0, "empty_wims": 0, "truncated_wims": 0, "non_finite": 0}
@@ -198,8 +201,9 @@ class Judge:
         """One encoding of context + answer per item; the rubric suffixes, the answer's log-probs, the turing
         question and the WIM continuation all read its cache."""
         pr = self.prompts
+        split = [len(pr.head_ids) + len(enc[i]["ctx"]) + len(pr.middle_ids) - 1 for i in chunk]  # context's end - 1
         batch = PrefixBatch(self.lm, [enc[i]["prefix"] for i in chunk], tail_keep=tail, shared=len(pr.head_ids),
-                            reserve=self._reserve(wim))
+                            reserve=self._reserve(wim), split=split if self.share_context else None)
         for key, probs, mass in self._distributions(batch, rubric_keys):
             for r, i in enumerate(chunk):
                 out[i].dists[key] = (probs[r].cpu(), float(mass[r]))
@@ -235,14 +239,18 @@ class Judge:
 
     def _content_free_answer(self, chunk: list[int], enc: list[dict[str, Any]], out: list[Measured],
                              rubric_keys: list[tuple[str, int]]) -> None:
-        """The score distributions of a content-free answer in the same context (contextual calibration)."""
+        """The score distributions of a content-free answer in the same context (contextual calibration), once per
+        distinct context of the chunk."""
         pr = self.prompts
         cf_ans = pr.answer_ids(self.cfg.content_free)
-        batch = PrefixBatch(self.lm, [pr.prefix(enc[i]["ctx"], cf_ans)[0] for i in chunk], shared=len(pr.head_ids),
+        first = {tuple(enc[i]["ctx"]): i for i in reversed(chunk)}  # each context's first item
+        unique = [first[tuple(enc[i]["ctx"])] for i in chunk] if self.share_context else list(chunk)
+        rows = list(dict.fromkeys(unique))
+        batch = PrefixBatch(self.lm, [pr.prefix(enc[i]["ctx"], cf_ans)[0] for i in rows], shared=len(pr.head_ids),
                             reserve=self._reserve(False))
         for key, probs, _ in self._distributions(batch, rubric_keys):
-            for r, i in enumerate(chunk):
-                out[i].cf_dists[key] = probs[r].cpu()
+            for i, u in zip(chunk, unique):
+                out[i].cf_dists[key] = probs[rows.index(u)].cpu()
 
     def _chunks(self, order: list[int], enc: list[dict[str, Any]], likelihood: bool) -> list[list[int]]:
         """Cut items (longest prefix first) into batches of at most ``batch_size`` rows; with the likelihood on,

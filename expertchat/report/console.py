@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from expertchat.report import timing
 from expertchat.stats import fmt
 
 log = logging.getLogger("expertchat")
@@ -142,7 +143,8 @@ def config_lines(cfg: Any, choices: dict[str, str]) -> list[str]:
 
 
 def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: float | None) -> list[str]:
-    """The block a run ends on: what ran, the last round's headline figures, where the results are."""
+    """The block a run ends on: what ran, the last round's headline figures and timing split (its stages' summed
+    :mod:`~expertchat.report.timing`), where the results are."""
     root = str(run_dir)
     took = f" in {seconds:.0f} s" if seconds is not None else ""
     out = [f"Done: {rounds} round{'s' * (rounds != 1)}{took}. Round {rounds - 1}:"]
@@ -182,6 +184,10 @@ def summary_lines(run_dir: Any, rounds: int, summary: dict[str, Any], seconds: f
         out.append(f"  judge audit self-preference {fmt(audit['self_preference']['index'], 2)}, mutual rho "
                    f"{fmt(audit['agreement']['mutual']['rho'], 2)}, flat categories: {', '.join(flat) or 'none'} "
                    f"(report.md: Judge audit)")
+    timings = [s["timing"] for name, s in summary.items()
+               if name != "base" and isinstance(s, dict) and isinstance(s.get("timing"), dict)]
+    if timings:
+        out.append("  timing      " + timing.summary_line(timing.merge(timings)))
     out.append(f"  run folder  {root} (report.md, turns.jsonl, ratings.jsonl, interaction.jsonl, train_metrics.jsonl, "
                f"rewards_by_round.json, eval.jsonl, pairwise.jsonl, audit.jsonl, expertchat.log)")
     if trained:

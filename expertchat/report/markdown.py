@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertchat.errors import ExpertChatError
-from expertchat.report import audit, interaction, plots
+from expertchat.report import audit, interaction, plots, timing
 from expertchat.runs.reader import RunData, ci, get, groups, load, mean, table, turn_guards
 from expertchat.stats import fmt
 
@@ -231,6 +231,7 @@ def build(data: RunData, figures: dict[str, Path]) -> str:
     lines += dialogue_section(data) + fig("length") + rating_section(data)
     lines += fig("rating_categories", "similarity_vs_score") + interaction.section(data, fig)
     lines += training_section(data) + fig("training")
+    lines += timing.section({**data.markers, **{(e.get("round"), "evaluation"): e for e in data.evals}}, table)
     lines += samples_section(data)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,6 +19,7 @@ from expertchat.config.schema import ExpertChatConfig
 from expertchat.engine.models import LoadedModel
 from expertchat.judging.rewards import RewardFactory
 from expertchat.policies.adapters import Policies
+from expertchat.report import timing
 from expertchat.report.tracking import Tracker
 from expertchat.runs import jobs
 from expertchat.runs.store import RunStore
@@ -67,8 +69,10 @@ def run_stage(run: Run, round_idx: int | str, s: Stage) -> dict[str, Any]:
     """Run stage ``s`` of round ``round_idx`` unless its marker says it is done; return its summary.
 
     Records that an interrupted attempt left in ``s.files`` move to ``<file>.incomplete.jsonl`` first
-    (``RunStore.begin``), so no record is written twice; the summary is kept in ``stages/round_<r>.<name>.json``;
-    its headline figures are logged and tracked at step ``round_idx``.
+    (``RunStore.begin``), so no record is written twice; the summary is kept in ``stages/round_<r>.<name>.json``
+    with its timing split (``"timing"``: the body's :class:`~expertchat.report.timing.Split`, and the stage's wall
+    seconds ``stage_seconds``); its headline figures and timing (``timing/<stage>/...``; the base point's as
+    ``timing/base_<stage>/...``) are logged and tracked at step ``round_idx`` (0 for the base point).
 
     Raises:
         ExpertChatError: the stage failed; its marker is not written, so a rerun runs it again.
@@ -77,12 +81,20 @@ def run_stage(run: Run, round_idx: int | str, s: Stage) -> dict[str, Any]:
     if ran:
         jobs.at_stage(f"{'base' if round_idx == 'base' else f'round {round_idx}'} {s.name}")  # status.json says where
         run.store.begin(round_idx, s.name, s.files)
-        run.store.finish(round_idx, s.name, s.body(run, round_idx))
+        start = time.perf_counter()
+        body = s.body(run, round_idx)
+        body["timing"] = {**(body.get("timing") or {}), "stage_seconds": round(time.perf_counter() - start, 3)}
+        run.store.finish(round_idx, s.name, body)
     summary = run.store.stage_summary(round_idx, s.name)
+    where = "base" if round_idx == "base" else f"round {round_idx}"
     for line in s.describe(summary):
-        log.info("%s %s%s: %s", "base" if round_idx == "base" else f"round {round_idx}", s.name,
-                 "" if ran else " (done before)", line)
+        log.info("%s %s%s: %s", where, s.name, "" if ran else " (done before)", line)
+    if ran and summary.get("timing"):
+        log.info("%s %s timing: %s", where, s.name, timing.summary_line(summary["timing"]))
     metrics = {k: v for k, v in s.headlines(summary).items() if v is not None}
     if ran and metrics:
         run.tracker.log(metrics, step=round_idx)
+    if ran and summary.get("timing"):
+        name = f"base_{s.name}" if round_idx == "base" else s.name
+        run.tracker.log(timing.metrics(name, summary["timing"]), step=0 if round_idx == "base" else round_idx)
     return summary

@@ -18,6 +18,7 @@ from expertchat.engine.generation import generate
 from expertchat.engine.models import LoadedModel, render_prompt
 from expertchat.engine.prefixcache import PrefixStore
 from expertchat.report.console import progress_bar
+from expertchat.report.timing import Split
 from expertchat.runs.store import RunStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,7 +69,7 @@ def context(dialogue: Dialogue, role: str, upto: int, cfg: DialogueConfig) -> li
 
 def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: DialogueConfig,
                   generation: GenerationConfig, store: RunStore, *, round_idx: int = 0, seed: int = 0,
-                  progress: bool = True) -> list[Dialogue]:
+                  progress: bool = True, split: Split | None = None) -> list[Dialogue]:
     """Hold ``len(topics)`` dialogues of ``cfg.turns`` turns; append each turn to ``turns.jsonl`` as it is made.
 
     Args:
@@ -77,6 +78,7 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
             (dialogue ``<id>-j``), so that who speaks first is not confused with who is better.
         store: the run folder; each turn is flushed to ``turns.jsonl`` and each finished dialogue gets a
             transcript ``dialogues/<id>.md``.
+        split: receives each batched turn's seconds and new tokens as ``generation`` of its speaker.
     """
     dialogues = [Dialogue(f"r{round_idx}-d{i:03d}", topic) for i, topic in enumerate(topics)]
     if cfg.counterbalance:
@@ -90,7 +92,7 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
                     speaking = [d for d in dialogues if d.speaker(turn) == role]
                     if speaking:
                         _turn(speaking, turn, role, models, cfg, generation, store, round_idx, seed,
-                              caches.get(role))
+                              caches.get(role), split)
                 bar.update(len(dialogues))
     finally:
         for cache in caches.values():
@@ -102,7 +104,7 @@ def run_dialogues(models: dict[str, LoadedModel], topics: list[str], cfg: Dialog
 
 def _turn(dialogues: list[Dialogue], turn: int, role: str, models: dict[str, LoadedModel], cfg: DialogueConfig,
           generation: GenerationConfig, store: RunStore, round_idx: int, seed: int,
-          cache: PrefixStore | None = None) -> None:
+          cache: PrefixStore | None = None, split: Split | None = None) -> None:
     """Generate turn ``turn`` of ``dialogues`` (all spoken by ``role`` at this turn) in one batched call; append
     each to ``turns.jsonl``.
 
@@ -126,6 +128,8 @@ def _turn(dialogues: list[Dialogue], turn: int, role: str, models: dict[str, Loa
         d.turns.append(record)
         store.append(TURNS_FILE, record)
     new = sum(o.new_tokens for o in outputs)
+    if split is not None:
+        split.add("generation", role, seconds, tokens=new)
     log.debug("round %d turn %d (%s): %d tokens in %.1fs (%.0f tok/s)", round_idx, turn, lm.name, new,
              seconds, new / max(seconds, 1e-9))
 
@@ -172,5 +176,7 @@ def summarize(dialogues: list[Dialogue]) -> dict[str, Any]:
 def stage(run: Run, r: int) -> dict[str, Any]:
     """The dialogue stage of round ``r``: N dialogues in lockstep -> ``turns.jsonl``, transcripts; its summary."""
     cfg = run.cfg
-    return summarize(run_dialogues(run.models, run.topics_of(r), cfg.dialogue, cfg.generation, run.store,
-                                   round_idx=r, seed=cfg.seed, progress=cfg.progress))
+    split = Split()
+    dialogues = run_dialogues(run.models, run.topics_of(r), cfg.dialogue, cfg.generation, run.store, round_idx=r,
+                              seed=cfg.seed, progress=cfg.progress, split=split)
+    return {**summarize(dialogues), "timing": split.to_json()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +62,7 @@ class PairedReward:
         self.call_means: list[float] = []  # mean scored reward of each call (one per micro-batch)
         self.skipped_steps = 0  # optimizer steps skipped because no pair of their window was kept
         self.scored_sum, self.scored_n = 0.0, 0
+        self.seconds, self.rated = 0.0, 0  # wall seconds in the judge, completions it was given (the timing split)
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
         """Score 2 x B completions; sets ``keep`` (B flags) and ``last`` and adds to the totals.
@@ -70,7 +72,12 @@ class PairedReward:
                 of rewards.
         """
         self.calls += 1
-        values = [_finite(x) for x in self._score(prompts, completions, **kwargs)]
+        start = time.perf_counter()
+        try:
+            values = [_finite(x) for x in self._score(prompts, completions, **kwargs)]
+        finally:
+            self.seconds += time.perf_counter() - start
+        self.rated += len(values)
         half = len(values) // 2
         keep, tied, unscored = [], 0, 0
         for a, b in zip(values[:half], values[half:]):
@@ -154,6 +161,8 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
         self.paired_reward = paired_reward
         self._policy_logprobs: torch.Tensor | None = None
         self._window_kept = 0  # pairs kept since the last optimizer step (over gradient accumulation)
+        # the timing split: seconds sampling (and tokens sampled), seconds in the reference's forwards
+        self.timing = {"generation_seconds": 0.0, "generated_tokens": 0, "reference_seconds": 0.0}
         for key in ("pairs/kept", "pairs/tied", "pairs/unscored"):  # appended every step (TRL divides by len)
             self.stats[key] = []
 
@@ -177,6 +186,14 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
         return optimizer
 
     def _generate(self, model, prompts, images=None):
+        """:meth:`_sample`, timed: its seconds and the completion tokens it sampled go to ``timing``."""
+        start = time.perf_counter()
+        out = self._sample(model, prompts, images)
+        self.timing["generation_seconds"] += time.perf_counter() - start
+        self.timing["generated_tokens"] += int(out[3].sum())
+        return out
+
+    def _sample(self, model, prompts, images=None):
         """TRL's completion sampling through ExpertChat's decode loop (:func:`expertchat.engine.generation.generate`)
         instead of ``model.generate``: the same prompt tensors (left-padded, each prompt twice), settings
         (temperature, top_k, top_p, max_new_tokens, every eos id), torch's global RNG (seeded by the trainer) and
@@ -207,9 +224,12 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
         return prompt_ids, prompt_mask, completion_ids.to(device), completion_mask.to(device), None
 
     def _forward(self, model, *args, **kwargs):
+        start = time.perf_counter()
         logprobs = super()._forward(model, *args, **kwargs)
         if logprobs.requires_grad:
             self._policy_logprobs = logprobs
+        else:  # the reference's (no grad): part of the training phase, measured for the timing split
+            self.timing["reference_seconds"] += time.perf_counter() - start
         return logprobs
 
     def _calculate_rewards_from_functions(self, *args, **kwargs):

@@ -28,6 +28,7 @@ from expertchat.engine.models import load_model, render_prompt
 from expertchat.judging.judge import Judge, RatingItem
 from expertchat.judging.rewards import load_embedder, rewards, wants_wim
 from expertchat.report.console import progress_bar
+from expertchat.report.timing import Split
 from expertchat.stages import audit
 from expertchat.stages.dialogue import ROLES
 from expertchat.stages.harness import run_lm_eval
@@ -170,7 +171,8 @@ def evaluate(models: dict[str, LoadedModel], judge_lm: LoadedModel, prompts: lis
              cfg: ExpertChatConfig, store: RunStore, point: int | str, tracker: Tracker) -> dict[str, Any]:
     """Evaluate each role's model (``models``) at ``point`` (``"base"`` or a round): answer every prompt, have
     ``judge_lm`` (frozen) score each answer, append the rows to ``eval.jsonl``, and return the point's summary
-    (also tracked as ``eval/<role>_<figure>`` at ``eval/step`` = rounds trained: 0 for the base).
+    (with its timing split: each role's answers as ``generation``, the frozen judge's as ``judging`` of
+    ``eval_judge``; also tracked as ``eval/<role>_<figure>`` at ``eval/step`` = rounds trained: 0 for the base).
 
     Raises:
         ExpertChatError: a round point in a folder whose base point is missing (nothing to pair it with).
@@ -181,16 +183,22 @@ def evaluate(models: dict[str, LoadedModel], judge_lm: LoadedModel, prompts: lis
     summary: dict[str, Any] = {"round": point, "judge": judge_lm.name, "prompts": len(prompts),
                                "samples": cfg.evaluation.samples, "models": {}}
     total = len(ROLES) * len(prompts) * cfg.evaluation.samples
+    split = Split()  # the timing: each role's answers (generation), the frozen judge's ratings (judging)
     for role in ROLES:
-        with progress_bar(total // len(ROLES), cfg.progress, f"evaluation {point}: {role} answers", "answer") as bar:
+        with progress_bar(total // len(ROLES), cfg.progress, f"evaluation {point}: {role} answers", "answer") as bar, \
+                split.measure("generation", role) as work:
             answers = answer(models[role], role, prompts, cfg, bar)
-        rows = judge_rows(point, role, models[role], prompts, answers, judge, cfg, cfg.progress)
+            work["tokens"] = sum(len(g.token_ids) for outs in answers for g in outs)
+        with split.measure("judging", "eval_judge") as work:
+            rows = judge_rows(point, role, models[role], prompts, answers, judge, cfg, cfg.progress)
+            work["ratings"] = len(rows)
         for row in rows:
             store.append(EVAL_FILE, row)
         base_rows = None if point == "base" else store.read(EVAL_FILE, round="base", role=role)
         summary["models"][role] = role_summary(rows, [g.token_ids for outs in answers for g in outs],
                                                None if base_summary is None else base_summary[role], base_rows, cfg)
     summary["seconds"] = round(time.perf_counter() - start, 2)
+    summary["timing"] = split.to_json()
     step = 0 if point == "base" else int(point) + 1
     tracker.log({f"eval/{role}_{k}": (m[k] if k != "delta" else (m["delta_vs_base"] or {}).get("mean"))
                  for role, m in summary["models"].items()

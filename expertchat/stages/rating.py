@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from expertchat.config.schema import JudgingConfig
 from expertchat.judging.judge import Judge, Judgement, RatingItem, turn_context
 from expertchat.judging.rewards import load_embedder, rewards, wants_wim
+from expertchat.report.timing import Split
 from expertchat.stages.dialogue import ROLES, context, load_dialogues
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,10 +109,12 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: Di
         store: the run folder; records are appended and flushed per rater.
 
     Returns:
-        The stage summary: per rated model (``ratee``) the means and counts of :func:`summarize`, and seconds.
+        The stage summary: per rated model (``ratee``) the means and counts of :func:`summarize`, and seconds;
+        ``timing``: each rater's seconds and ratings as ``judging`` (:class:`~expertchat.report.timing.Split`).
     """
     embedder = load_embedder(reward.embedder) if wants_wim(judging, reward) else None
     summary: dict[str, Any] = {"mode": judging.mode, "zeta": reward.zeta, "models": {}}
+    split = Split()
     for ratee in ROLES:
         rater = ROLES[1 - ROLES.index(ratee)]
         items = dialogue_items(dialogues, ratee, dialogue_cfg, judging)
@@ -121,6 +124,7 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: Di
                                 desc=f"round {round_idx} rating of the {ratee} by the {rater}")
         parts = rewards(judgements, [it.answer for it in items], reward, embedder)
         seconds = time.perf_counter() - start
+        split.add("judging", rater, seconds, ratings=len(items))
         records = [rating_record(it, j, p, judging.mode, round=round_idx, rater=rater, ratee=ratee,
                                  rater_model=models[rater].name)
                    for it, j, p in zip(items, judgements, parts)]
@@ -131,6 +135,7 @@ def run_rating(models: dict[str, LoadedModel], dialogues: list, dialogue_cfg: Di
                  seconds=round(seconds, 2))
         summary["models"][ratee] = s
         warn_cut(s, s["rated"], f"round {round_idx} rating of the {ratee}")
+    summary["timing"] = split.to_json()
     return summary
 
 

@@ -40,6 +40,7 @@ from expertchat.engine.models import LoadedModel, base_name, chat_messages, is_q
 from expertchat.errors import ExpertChatError, first_line
 from expertchat.judging.rewards import RewardFactory
 from expertchat.policies.adapters import Policies, partner, quiet
+from expertchat.report.timing import Split
 from expertchat.report.tracking import Tracker
 from expertchat.runs.store import RunStore
 from expertchat.stages.dialogue import ROLES, Dialogue, context, load_dialogues
@@ -125,7 +126,9 @@ def train_round(policies: Policies, round_idx: int, dialogues: list[Dialogue], r
     start of the stage) judging; save each policy to ``adapters/round_<r>/<role>/``, with a model card that
     also gives ``about``'s facts (e.g. ``{"reward": "zeta 0.4, ..."}``).
 
-    Returns the stage summary: per role prompts, steps, seconds, pair counts, mean rewards.
+    Returns the stage summary: per role prompts, steps, seconds, pair counts, mean rewards; ``timing``: each
+    role's sampling (``generation``), the partner's judging of its samples (``judging`` of the partner) and the
+    rest of its steps (``training``: forwards, backward, optimizer), as a :class:`~expertchat.report.timing.Split`.
 
     Raises:
         ExpertChatError: the judge failed mid-training, or training failed; nothing of this round is marked
@@ -142,10 +145,13 @@ def train_round(policies: Policies, round_idx: int, dialogues: list[Dialogue], r
                  round_idx)
         return {**summary, "skipped": "training.steps=0"}
     roles = list(ROLES) if cfg.bidirectional else ["actor"]
+    split = Split()
     with policies.round_start():
         for role in roles:
             summary["roles"][role] = _train_one(policies, round_idx, role, dialogues, reward_for, dialogue_cfg,
-                                                store, tracker, seed=seed, progress=progress, about=about or {})
+                                                store, tracker, seed=seed, progress=progress, about=about or {},
+                                                split=split)
+    summary["timing"] = split.to_json()
     if tracker is not None:
         tracker.log({f"rounds/{role}_reward_mean": s["reward_mean"] for role, s in summary["roles"].items()
                      if s.get("reward_mean") is not None}, step=round_idx)
@@ -154,8 +160,9 @@ def train_round(policies: Policies, round_idx: int, dialogues: list[Dialogue], r
 
 def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Dialogue],
                reward_for: RewardFactory, dialogue_cfg: DialogueConfig, store: RunStore, tracker: Tracker | None,
-               *, seed: int, progress: bool, about: dict[str, Any]) -> dict[str, Any]:
-    """Train ``role`` for one round and save its policy; returns its part of the stage summary."""
+               *, seed: int, progress: bool, about: dict[str, Any], split: Split) -> dict[str, Any]:
+    """Train ``role`` for one round and save its policy; returns its part of the stage summary. Its seconds go
+    to ``split``."""
     cfg = policies.cfg
     lm = policies.base[role]
     budget = min(cfg.max_prompt_tokens, lm.cfg.max_length - cfg.max_new_tokens)
@@ -174,6 +181,10 @@ def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Di
         trainer, reward = _make_trainer(policies, round_idx, role, rows, reward_for, store, tracker,
                                         output_dir=scratch, budget=budget, seed=seed, progress=progress)
         seconds, steps = _run_trainer(policies, trainer, round_idx, role)
+        t = trainer.timing
+        split.add("generation", role, t["generation_seconds"], tokens=t["generated_tokens"])
+        split.add("judging", partner(role), reward.seconds, ratings=reward.rated)
+        split.add("training", role, max(0.0, seconds - t["generation_seconds"] - reward.seconds))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):  # the scratch folder itself, once empty
@@ -184,7 +195,8 @@ def _train_one(policies: Policies, round_idx: int, role: str, dialogues: list[Di
     _release_memory()
     policies.mark_trained(role)
     result = {"prompts": len(rows), "steps": steps, "seconds": round(seconds, 2),
-              "seconds_per_step": round(seconds / max(steps, 1), 2), **reward.summary(),
+              "seconds_per_step": round(seconds / max(steps, 1), 2),
+              "reference_seconds": round(t["reference_seconds"], 3), **reward.summary(),
               "judge": policies.describe(partner(role), "judge"), "reference": policies.describe(role, "reference")}
     card = {"role": role, "round": round_idx, "judge": f"{policies.base[partner(role)].name}: {result['judge']}",
             "reference": result["reference"], "reward": about.get("reward", "?"), "steps": steps,

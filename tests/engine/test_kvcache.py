@@ -68,3 +68,35 @@ def test_greedy_continuation_drops_finished_rows_and_matches_a_plain_loop(smol_t
         assert batch.greedy(suffix, max_new, sorted(stops)) == expected
     with pytest.raises(RuntimeError, match="spent"):
         batch.extend(suffix, 1)
+
+
+@pytest.mark.parametrize("shared", [0, 3])
+def test_rows_grouped_by_a_shared_context_give_the_plain_layouts_logits_and_continuations(smol_tokenizer, shared):
+    """Rows 0/2 and 1/3 share their first tokens (a context, two samples each): run once per group, their logits,
+    suffix logits and greedy continuations are those of the plain layout, and the group layout feeds fewer tokens."""
+    model = make_tiny_model(smol_tokenizer, dtype=torch.float32)
+    lm = LoadedModel("tiny", model, smol_tokenizer, None)
+    head, ctx = [1, 2, 3], [[50, 51, 52, 53, 54, 55], [60, 61]]
+    answers = [[70, 71], [80, 81, 82, 83], [90], [95, 96, 97]]
+    prefixes = [head + ctx[r % 2] + [9] + answers[r] + [5, 6] for r in range(4)]
+    split = [len(head) + len(ctx[r % 2]) for r in range(4)]  # up to the context's end (the [9] runs per row)
+    tail = 2 + 4 + 1
+    with torch.no_grad():
+        plain = PrefixBatch(lm, prefixes, tail_keep=tail, shared=shared, reserve=8)
+        grouped = PrefixBatch(lm, prefixes, tail_keep=tail, shared=shared, reserve=8, split=split)
+        spans = [(split[r] + 1, split[r] + 1 + len(answers[r])) for r in range(4)]
+        for a, b in zip(plain.span_logprobs(spans), grouped.span_logprobs(spans), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain.extend([7, 8], 2), grouped.extend([7, 8], 2), rtol=1e-5, atol=1e-5)
+        assert grouped.ids.numel() < plain.ids.numel()  # each row's own part only
+        assert plain.greedy([7, 8], 5, []) == grouped.greedy([7, 8], 5, [])
+
+
+def test_a_split_without_shared_rows_is_the_plain_layout_and_a_bad_split_is_an_error(smol_tokenizer):
+    lm = LoadedModel("tiny", make_tiny_model(smol_tokenizer), smol_tokenizer, None)
+    prefixes = [[1, 2, 3, 4], [1, 2, 5, 6, 7]]
+    with torch.no_grad():
+        batch = PrefixBatch(lm, prefixes, shared=2, split=[3, 3])  # 1 2 3 / 1 2 5: no two rows share them
+        assert torch.equal(batch.tail_logits, PrefixBatch(lm, prefixes, shared=2).tail_logits)
+        with pytest.raises(ValueError, match="split has 1 counts for 2 prefixes"):
+            PrefixBatch(lm, prefixes, split=[3])

@@ -266,3 +266,45 @@ def test_any_judge_text_gives_a_finite_bounded_reward_or_none(text, zeta, simila
     value = combine(score, 1.0 if empty else similarity, zeta)
     assert value is None if score is None else (math.isfinite(value) and -1 <= value <= 1)
     assert len(wim) <= 400
+
+
+class SimilarityOfLengths(FakeEmbedder):
+    """A similarity that depends on the WIM text: a changed critique changes the reward."""
+
+    def similarity(self, a, b):
+        self.calls += 1
+        return [math.tanh((len(x) - len(y)) / 50) for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_sharing_the_context_of_a_dpo_batch_gives_the_same_rewards(tiny_lm, calibrate):
+    """The two samples of a prompt (items i and i + B) encode their context once; every reward component is the one
+    of judging each item whole, for the default signals (likelihood and rubric), the WIM and the calibration."""
+    prompts, completions = trl_batch()
+    completions[3] = [{"role": "assistant", "content": "Inlining hurts when it bloats hot loops."}]
+    cfg = JudgingConfig(wim_max_new_tokens=6, calibrate=calibrate)
+    out = {}
+    for shared in (True, False):
+        r = JudgeReward(Judge(tiny_lm, cfg, share_context=shared), RewardConfig(zeta=0.4), SimilarityOfLengths())
+        out[shared] = r.parts(prompts, completions)
+    for a, b in zip(out[True], out[False], strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-5) and a.reward == pytest.approx(b.reward, abs=1e-5)
+        assert a.similarity == b.similarity and a.similarity_status == b.similarity_status  # the same critique
+
+
+def test_shared_context_rows_are_encoded_once(tiny_lm):
+    """The judge's prefix pass runs each context once when two items share it (counted in tokens fed)."""
+    fed = []
+    prompts, completions = trl_batch()
+    items_fed = {}
+    hook = tiny_lm.model.register_forward_pre_hook(lambda m, args, kw: fed.append(kw["input_ids"].numel()),
+                                                   with_kwargs=True)
+    try:
+        for shared in (True, False):
+            fed.clear()
+            JudgeReward(Judge(tiny_lm, JudgingConfig(wim=False), share_context=shared),
+                        RewardConfig(zeta=0.0)).parts(prompts, completions)
+            items_fed[shared] = sum(fed)
+    finally:
+        hook.remove()
+    assert items_fed[True] < items_fed[False]

@@ -92,7 +92,10 @@ def test_a_stage_runs_once_and_is_tracked_only_when_it_ran(tmp_path):
     (tmp_path / "probe.jsonl").write_text('{"round": 0, "left": "by a killed attempt"}\n')
     assert pipeline.run_stage(run, 0, stage)["value"] == 7
     assert pipeline.run_stage(run, 0, stage)["value"] == 7  # done: skipped
-    assert calls == [0] and run.tracker.logged == [({"probe/value": 7}, 0)]
+    assert calls == [0] and run.tracker.logged[0] == ({"probe/value": 7}, 0)
+    [(timed, step)] = run.tracker.logged[1:]  # the stage's wall seconds, into its marker and the tracker
+    assert step == 0 and list(timed) == ["timing/probe/stage_seconds"]
+    assert timed["timing/probe/stage_seconds"] == run.store.stage_summary(0, "probe")["timing"]["stage_seconds"] >= 0
     assert (tmp_path / "probe.incomplete.jsonl").exists()  # the interrupted attempt's record set aside
 
 

@@ -126,3 +126,17 @@ def test_the_closing_summary_gives_the_pairwise_verdict_and_the_audit(tmp_path):
     assert "  pairwise    actor vs base: preference 0.56, length-controlled 0.53, position-consistent 0.20" in lines
     assert ("  judge audit self-preference 0.12, mutual rho 0.40, flat categories: depth (report.md: Judge audit)"
             in lines)
+
+
+def test_the_closing_summary_gives_the_rounds_timing_split(tmp_path):
+    from expertchat.report.console import summary_lines
+
+    summary = {"dialogue": {"timing": {"generation": {"actor": {"seconds": 2.0, "tokens": 100, "tok_per_s": 50.0}},
+                                       "stage_seconds": 2.5}},
+               "training": {"timing": {"generation": {"actor": {"seconds": 1.0, "tokens": 20, "tok_per_s": 20.0}},
+                                       "judging": {"judge": {"seconds": 4.0, "ratings": 8, "s_per_1k_ratings": 500.0}},
+                                       "training": {"actor": {"seconds": 3.0}}, "stage_seconds": 8.5}},
+               "base": {"timing": {"generation": {"actor": {"seconds": 99.0, "tokens": 1}}}}}  # not this round's
+    (line,) = [x for x in summary_lines(tmp_path, 1, summary, 12.0) if x.startswith("  timing ")]
+    assert line == ("  timing      generation 3.0 s (actor 3.0 s, 40 tok/s); judging 4.0 s (judge 4.0 s, 500 s/1k "
+                    "ratings); training 3.0 s (actor 3.0 s); stages 11.0 s")

@@ -174,3 +174,17 @@ def test_an_evaluated_run_misses_the_evaluation_points_it_lacks(tmp_path):
     (run / "stages" / "round_1.evaluation.json").unlink()
     text = report.write_report(run).read_text()
     assert "first: round 1 evaluation" in text and "| evaluation.prompts | 6 |" in text
+
+
+def test_the_timing_split_of_the_markers_is_a_table_in_run_order(tmp_path):
+    run = make_run(tmp_path / "run", rounds=1, evaluation=False)
+    assert "## Timing" not in report.write_report(run).read_text()  # an older run: no timing, no section
+    path = run / "stages" / "round_0.training.json"
+    marker = json.loads(path.read_text())
+    marker["timing"] = {"generation": {"actor": {"seconds": 2.0, "tokens": 64, "tok_per_s": 32.0}},
+                        "judging": {"judge": {"seconds": 3.0, "ratings": 8, "s_per_1k_ratings": 375.0}},
+                        "training": {"actor": {"seconds": 5.0}}, "stage_seconds": 10.5}
+    path.write_text(json.dumps(marker))
+    text = report.write_report(run).read_text()
+    assert "## Timing" in text
+    assert "| 0 | training | judging | judge | 3.0 | n/a | n/a | 8 | 375.0 | 10.5 |" in text

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from expertchat.config.schema import DialogueConfig, GenerationConfig
+from expertchat.report.timing import Split
 from expertchat.runs.store import RunStore
 from expertchat.stages.dialogue import TURNS_FILE, Dialogue, context, load_dialogues, run_dialogues, summarize
 from tests.conftest import two_tiny_models
@@ -48,6 +49,18 @@ def test_lockstep_dialogues_write_complete_records(smol_tokenizer, tmp_path):
     assert [t["text"] for t in rebuilt[1].turns] == [t["text"] for t in dialogues[1].turns]
     s = summarize(dialogues)
     assert s["turns"] == 9 and s["new_tokens"] == sum(r["new_tokens"] for r in rows)
+
+
+def test_the_timing_split_counts_each_speakers_turns(smol_tokenizer, tmp_path):
+    split = Split()
+    run_dialogues(two_tiny_models(smol_tokenizer), TOPICS, DialogueConfig(turns=3), GenerationConfig(max_new_tokens=5),
+                  RunStore(tmp_path), progress=False, split=split)
+    rows = [json.loads(line) for line in (tmp_path / TURNS_FILE).read_text().splitlines()]
+    gen = split.to_json()["generation"]
+    assert set(split.to_json()) == {"generation"} and set(gen) == {"actor", "judge"}
+    for role in ("actor", "judge"):
+        assert gen[role]["tokens"] == sum(r["new_tokens"] for r in rows if r["role"] == role) > 0
+        assert gen[role]["seconds"] > 0 and gen[role]["tok_per_s"] > 0
 
 
 def test_same_seed_same_dialogues(smol_tokenizer, tmp_path):

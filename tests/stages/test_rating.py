@@ -46,3 +46,6 @@ def test_rating_stage_writes_one_record_per_turn(smol_tokenizer, tmp_path, monke
     assert first["rater_model"] == "tiny_j" and set(first["categories"]) == set(cfg.active())
     s = summary["models"]["actor"]
     assert s["rated"] == 4 and s["empty_answers"] == 2 and s["rater"] == "judge" and s["score_mean"] is not None
+    judging = summary["timing"]["judging"]  # the timing split: each rater's seconds per 1,000 ratings
+    assert {role: c["ratings"] for role, c in judging.items()} == {"judge": 4, "actor": 4}
+    assert all(abs(c["s_per_1k_ratings"] - 250 * c["seconds"]) <= 0.2 for c in judging.values())  # ms-rounded s

@@ -151,6 +151,21 @@ def test_rewards_by_round_lists_each_trained_model(smol_tokenizer, tmp_path):
     assert json.loads((tmp_path / "rewards_by_round.json").read_text()) == rows
 
 
+def test_the_timing_split_gives_sampling_judging_and_training_seconds_per_role(smol_tokenizer, tmp_path):
+    policies = Policies(tiny_pair(smol_tokenizer), cfg(steps=2))
+    summary = train_round(policies, 0, fake_dialogues(), length_reward, DCFG, RunStore(tmp_path))
+    t = summary["timing"]
+    for role in ("actor", "judge"):
+        m = summary["roles"][role]
+        other = "judge" if role == "actor" else "actor"
+        assert t["judging"][other]["ratings"] == 2 * 2 * 2 == 2 * m["pairs"]  # steps x prompts x 2 samples, once
+        assert 0 < t["generation"][role]["tokens"] <= 8 * 6  # 8 samples of at most 6 new tokens
+        assert t["generation"][role]["seconds"] > 0 and t["training"][role]["seconds"] > 0
+        parts = sum(t[p][r]["seconds"] for p, r in (("generation", role), ("judging", other), ("training", role)))
+        assert parts == pytest.approx(m["seconds"], abs=0.02)  # the three phases are the role's training seconds
+        assert 0 < m["reference_seconds"] < m["seconds"]
+
+
 # ------------------------------------------------------------------------------------------------ learning
 
 
