@@ -203,7 +203,7 @@ class Judge:
         pr = self.prompts
         split = [len(pr.head_ids) + len(enc[i]["ctx"]) + len(pr.middle_ids) - 1 for i in chunk]  # context's end - 1
         batch = PrefixBatch(self.lm, [enc[i]["prefix"] for i in chunk], tail_keep=tail, shared=len(pr.head_ids),
-                            reserve=self._reserve(wim), split=split if self.share_context else None)
+                            reserve=_reserve(self.prompts, self.cfg, wim), split=split if self.share_context else None)
         for key, probs, mass in self._distributions(batch, rubric_keys):
             for r, i in enumerate(chunk):
                 out[i].dists[key] = (probs[r].cpu(), float(mass[r]))
@@ -218,12 +218,6 @@ class Judge:
             texts = batch.greedy(pr.wim_suffix, self.cfg.wim_max_new_tokens, self.lm.stop_token_ids)
             for r, i in enumerate(chunk):
                 out[i].wim = self.lm.tokenizer.decode(texts[r], skip_special_tokens=True)
-
-    def _reserve(self, wim: bool) -> int:
-        """Cache positions a prefix batch needs after its prefixes: the longest suffix run on it."""
-        pr = self.prompts
-        return max([len(ids) + 1 for ids in [*pr.rating_suffixes.values(), *pr.turing_suffixes]]
-                   + [len(pr.wim_suffix) + self.cfg.wim_max_new_tokens if wim else 0])
 
     def _content_free_context(self, chunk: list[int], enc: list[dict[str, Any]], out: list[Measured],
                               tail: int) -> None:
@@ -247,7 +241,7 @@ class Judge:
         unique = [first[tuple(enc[i]["ctx"])] for i in chunk] if self.share_context else list(chunk)
         rows = list(dict.fromkeys(unique))
         batch = PrefixBatch(self.lm, [pr.prefix(enc[i]["ctx"], cf_ans)[0] for i in rows], shared=len(pr.head_ids),
-                            reserve=self._reserve(False))
+                            reserve=_reserve(self.prompts, self.cfg, False))
         for key, probs, _ in self._distributions(batch, rubric_keys):
             for i, u in zip(chunk, unique):
                 out[i].cf_dists[key] = probs[rows.index(u)].cpu()
@@ -353,6 +347,12 @@ def turing_choice(batch: PrefixBatch, prompts: JudgePrompts) -> list[list[tuple[
         for r, row in enumerate(rows):
             row.append((float(p[r, order]), float(mass[r])))
     return rows
+
+
+def _reserve(pr: JudgePrompts, cfg: JudgingConfig, wim: bool) -> int:
+    """Cache positions a prefix batch needs after its prefixes: the longest suffix run on it."""
+    return max([len(ids) + 1 for ids in [*pr.rating_suffixes.values(), *pr.turing_suffixes]]
+               + [len(pr.wim_suffix) + cfg.wim_max_new_tokens if wim else 0])
 
 
 def weighted_score(cats: dict[str, CategoryScore], cfg: JudgingConfig) -> float | None:
