@@ -25,3 +25,18 @@ def check(ok: bool, key: str, message: str) -> None:
     """
     if not ok:
         raise ExpertChatError(f"config error: {key} {message}")
+
+
+def check_placeholders(template: str, key: str, names: tuple[str, ...]) -> None:
+    """A config check of a ``str.format`` template: raise ``ExpertChatError`` when ``template`` uses a placeholder
+    other than ``names`` (or a malformed brace), naming ``key`` and the placeholders it may use, in ``names``' order.
+
+    >>> check_placeholders("Rate {a} {x}", "k", ("a", "b"))
+    Traceback (most recent call last):
+    expertchat.errors.ExpertChatError: config error: k may only use the placeholders {a}, {b} (found KeyError('x'))
+    """
+    try:
+        template.format(**{n: "x" for n in names})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ExpertChatError(f"config error: {key} may only use the placeholders "
+                              f"{', '.join('{' + n + '}' for n in names)} (found {exc!r})") from None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from expertchat.config.model import ModelConfig
-from expertchat.errors import ExpertChatError, check
+from expertchat.errors import check, check_placeholders
 
 
 @dataclass
@@ -46,11 +46,7 @@ class PairwiseConfig:
     choices: list[str] = field(default_factory=lambda: ["A", "B"])
 
     def __post_init__(self) -> None:
-        try:
-            self.prompt.format(question="x", answer_a="x", answer_b="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ExpertChatError(f"config error: evaluation.pairwise.prompt may only use the placeholders "
-                                  f"{{question}}, {{answer_a}}, {{answer_b}} (found {exc!r})") from None
+        check_placeholders(self.prompt, "evaluation.pairwise.prompt", ("question", "answer_a", "answer_b"))
         check(all(f"{{{k}}}" in self.prompt for k in ("question", "answer_a", "answer_b")),
               "evaluation.pairwise.prompt", "must contain {question}, {answer_a} and {answer_b}")
         check(len(self.choices) == 2 and len(set(self.choices)) == 2 and all(c.strip() for c in self.choices),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from expertchat.errors import ExpertChatError, check
+from expertchat.errors import check, check_placeholders
 
 # The signals a category can name: the configurable entries of expertchat/judging/signals.py's registry (a test
 # keeps the two equal; parse mode's ``parse`` is chosen by ``judging.mode``, not named).
@@ -69,11 +69,7 @@ class ParseConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        try:
-            self.instruction.format(category="x", description="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ExpertChatError(f"config error: judging.parse.instruction may only use the placeholders "
-                                  f"{{category}}, {{description}} (found {exc!r})") from None
+        check_placeholders(self.instruction, "judging.parse.instruction", ("category", "description"))
         check(self.strategy in {"sample", "contrastive"}, "judging.parse.strategy",
                f"is '{self.strategy}'; use sample or contrastive")
         check(self.max_new_tokens > 0, "judging.parse.max_new_tokens", "must be > 0")
@@ -98,11 +94,7 @@ class TuringConfig:
     prefix: str = "Answer:"
 
     def __post_init__(self) -> None:
-        try:
-            self.question.format(a="x", b="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ExpertChatError(f"config error: judging.turing.question may only use the placeholders {{a}}, {{b}} "
-                                  f"(found {exc!r})") from None
+        check_placeholders(self.question, "judging.turing.question", ("a", "b"))
         check("{a}" in self.question and "{b}" in self.question, "judging.turing.question",
               "must contain {a} and {b} (the two answers, in the order of the letters A and B)")
         check(bool(self.human.strip()) and bool(self.ai.strip()), "judging.turing.human",
@@ -182,11 +174,7 @@ class JudgingConfig:
         for key, text, names in [("prompt", self.prompt, {"context", "answer"}),
                                  *[(f"instructions[{i}]", t, {"category", "description"})
                                    for i, t in enumerate(self.instructions)]]:
-            try:
-                text.format(**{n: "x" for n in names})
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ExpertChatError(f"config error: judging.{key} may only use the placeholders "
-                                      f"{', '.join('{' + n + '}' for n in sorted(names))} (found {exc!r})") from None
+            check_placeholders(text, f"judging.{key}", tuple(sorted(names)))
         check("{answer}" in self.prompt and "{context}" in self.prompt, "judging.prompt",
                "must contain {context} and {answer}")
         check(bool(self.rating_prefix.strip()), "judging.rating_prefix", "is empty; e.g. 'Rating: [['")
