@@ -93,10 +93,13 @@ def pairwise_figures(rows: list[dict[str, Any]], resamples: int, seed: int) -> d
 # ------------------------------------------------------------------------------------------ the audit
 
 
-def _rate(judge: Judge, rater: str, lm: LoadedModel, store: RunStore, point: int | str, content: int | str,
+Answers = dict[tuple[int | str, str], dict[tuple[Any, int], dict[str, Any]]]  # (point, role) -> eval.jsonl rows
+
+
+def _rate(judge: Judge, rater: str, lm: LoadedModel, found: Answers, point: int | str, content: int | str,
           progress: bool) -> list[dict[str, Any]]:
     """Rater ``rater``'s scores (training rubric, no WIM) of both roles' answers of point ``content``."""
-    answers = [(author, r) for author in ROLES for r in _answers(store, content, author).values()]
+    answers = [(author, r) for author in ROLES for r in found[(content, author)].values()]
     judgements = judge.rate([RatingItem(r["prompt"], r["answer"]) for _, r in answers], wim=False,
                             progress=progress, desc=f"audit {point}: {rater} rates the {content} answers")
     return [{"round": point, "kind": "rating", "rater": rater, "rater_model": lm.name, "content": content,
@@ -106,10 +109,10 @@ def _rate(judge: Judge, rater: str, lm: LoadedModel, store: RunStore, point: int
             for (author, r), j in zip(answers, judgements)]
 
 
-def _compare(cfg: ExpertChatConfig, rater: str, lm: LoadedModel, store: RunStore, point: int | str
+def _compare(cfg: ExpertChatConfig, rater: str, lm: LoadedModel, found: Answers, point: int | str
              ) -> list[dict[str, Any]]:
     """Rater ``rater``'s pairwise verdicts on the actor's (x) vs the judge's (y) answer to each prompt, both orders."""
-    actor, judge = _answers(store, point, "actor"), _answers(store, point, "judge")
+    actor, judge = found[(point, "actor")], found[(point, "judge")]
     keys = [k for k in actor if k in judge]
     pj = PairwiseJudge(lm, cfg.evaluation.pairwise, cfg.judging.batch_size, cfg.judging.max_answer_tokens)
     verdicts = pj.compare([(actor[k]["prompt"], actor[k]["answer"], judge[k]["answer"]) for k in keys],
@@ -124,12 +127,17 @@ def audit_point(cfg: ExpertChatConfig, store: RunStore, models: dict[str, Loaded
     """The judge audit at ``point``: each role's current policy, as a judge, rates both roles' answers of this
     point (and of the base, when ``point`` is a round) and compares the two roles' answers in both orders; rows
     appended to ``audit.jsonl``. Returns the figures (:mod:`expertchat.audit`)."""
+    contents = list(dict.fromkeys([point, "base"]))
+    found: Answers = {(c, role): {} for c in contents for role in ROLES}
+    for r in store.read("eval.jsonl"):  # read once: both roles' answers of this point and of the base
+        if (r["round"], r["role"]) in found:
+            found[(r["round"], r["role"])][(r["prompt_id"], r["sample"])] = r
     rows = []
     for rater in ROLES:
         judge = Judge(models[rater], cfg.judging)
-        for content in dict.fromkeys([point, "base"]):
-            rows += _rate(judge, rater, models[rater], store, point, content, cfg.progress)
-        rows += _compare(cfg, rater, models[rater], store, point)
+        for content in contents:
+            rows += _rate(judge, rater, models[rater], found, point, content, cfg.progress)
+        rows += _compare(cfg, rater, models[rater], found, point)
     for row in rows:
         store.append(AUDIT_FILE, row)
     return audit_figures(cfg, rows, store.read(AUDIT_FILE, round="base") if point != "base" else rows,
