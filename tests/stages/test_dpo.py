@@ -202,6 +202,46 @@ def test_the_decode_loop_samples_what_trl_generate_samples(smol_tokenizer, tmp_p
         assert all(torch.equal(a, b) for a, b in zip(ours[2], trl[2]))  # the same update
 
 
+def test_prompts_encoded_once_give_trls_update(smol_tokenizer, tmp_path, monkeypatch):
+    """The policy's and the reference's log-probs with each prompt encoded once for its two samples
+    (``completion_logprobs``) train the adapter as TRL's forward over every row does: the same rewards, the same
+    LoRA weights after two steps (up to float rounding), and both forwards went through it."""
+    import expertchat.stages.dpo as dpo
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].training)
+        return shared(*args, **kwargs)
+
+    def every_row(model, prompt_ids, prompt_mask, completion_ids, completion_mask):  # TRL 1.16's _forward
+        ids, mask = torch.cat((prompt_ids, completion_ids), 1), torch.cat((prompt_mask, completion_mask), 1)
+        out = model(ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1:-1]
+        return torch.take_along_dim(out.log_softmax(-1), completion_ids.unsqueeze(-1), dim=2).squeeze(-1)
+
+    def run(path: str, fn):
+        monkeypatch.setattr(dpo, "completion_logprobs", fn)
+        seen = []
+
+        def reward_for(judge):
+            def reward(prompts, completions, **kwargs):
+                seen.append([c[0]["content"] for c in completions])
+                return [float(len(c[0]["content"]) % 7) for c in completions]
+            return reward
+
+        policies = Policies(tiny_pair(smol_tokenizer), cfg(steps=2, bidirectional=False, max_new_tokens=8))
+        train_round(policies, 0, fake_dialogues(), reward_for, DCFG, RunStore(tmp_path / path), seed=5)
+        return seen, lora_b(policies, "actor")
+
+    shared = dpo.completion_logprobs
+    ours, trl = run("ours", counted), run("trl", every_row)
+    assert calls.count(True) == 2 and calls.count(False) == 2  # policy (grad) and reference, both steps
+    assert ours[0] == trl[0]
+    assert any(torch.count_nonzero(b) > 0 for b in ours[1])
+    for a, b in zip(ours[1], trl[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_trainer_logs_into_the_pipeline_tracker_and_the_run_folder(smol_tokenizer, tmp_path):
     store = RunStore(tmp_path)
     tracker = RecordingTracker()

@@ -1,0 +1,92 @@
+"""Completion log-probs with each distinct prompt encoded once equal TRL's one forward over every
+``[prompt ; completion]`` row: values and gradients, left-padded prompts, a LoRA-wrapped model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from expertchat.engine.logprobs import completion_logprobs, distinct_rows
+from tests.conftest import make_tiny_model
+
+
+def trl_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """TRL 1.16's ``OnlineDPOTrainer._forward`` (no truncation): one forward over the concatenated rows."""
+    ids = torch.cat((prompt_ids, completion_ids), dim=1)
+    mask = torch.cat((prompt_mask, completion_mask), dim=1)
+    logits = model(ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1:-1]
+    return torch.take_along_dim(logits.log_softmax(-1), completion_ids.unsqueeze(-1), dim=2).squeeze(-1)
+
+
+def batch(k: int = 2, completion_len: int = 5, seed: int = 0):
+    """Two left-padded prompts (7 and 4 real tokens) repeated ``k`` times, TRL's layout, and ``k x 2`` random
+    right-padded completions."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(5, 900, (2, 7), generator=g)
+    prompt_mask = torch.ones(2, 7, dtype=torch.long)
+    prompt_mask[1, :3] = 0
+    prompt_ids[1, :3] = 0
+    completion_ids = torch.randint(5, 900, (2 * k, completion_len), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, completion_len - 2:] = 0
+    return prompt_ids.repeat(k, 1), prompt_mask.repeat(k, 1), completion_ids, completion_mask
+
+
+@pytest.fixture(scope="module")
+def lora_model(smol_tokenizer):
+    model = make_tiny_model(smol_tokenizer, seed=3, hidden=32, layers=3)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
+                     init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_values_equal_one_forward_over_every_row(lora_model, k):
+    rows = batch(k=k)
+    with torch.no_grad():
+        ours, theirs = completion_logprobs(lora_model, *rows), trl_logprobs(lora_model, *rows)
+    assert ours.shape == theirs.shape == (2 * k, 5)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_equal_one_forward_over_every_row(lora_model):
+    rows = batch()
+    weight = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (completion_logprobs, trl_logprobs):
+        lora_model.zero_grad(set_to_none=True)
+        (fn(lora_model, *rows) * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    lora_model.zero_grad(set_to_none=True)
+
+
+def test_distinct_prompts_and_single_token_completions(lora_model):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch(completion_len=1)
+    prompt_ids, prompt_mask = prompt_ids.clone(), prompt_mask.clone()
+    prompt_ids[3, -1] = 7  # the second copy of prompt 1 differs: nothing repeats, every prompt encoded once
+    assert distinct_rows(prompt_ids, prompt_mask) is None
+    with torch.no_grad():
+        ours = completion_logprobs(lora_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        theirs = trl_logprobs(lora_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_distinct_rows_finds_the_repeat_period():
+    ids = torch.tensor([[1, 2], [3, 4]])
+    mask = torch.ones_like(ids)
+    assert distinct_rows(ids.repeat(3, 1), mask.repeat(3, 1)) == 2
+    assert distinct_rows(ids[:1].repeat(4, 1), mask[:1].repeat(4, 1)) == 1
+    assert distinct_rows(ids, mask) is None
+    other = mask.repeat(2, 1)
+    other[3, 0] = 0  # same ids, another mask: not a copy
+    assert distinct_rows(ids.repeat(2, 1), other) is None
+
+
+def test_empty_prompt_is_an_error(lora_model):
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        completion_logprobs(lora_model, torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+                            torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
