@@ -232,3 +232,30 @@ def test_bf16_model_runs_in_its_dtype(smol_tokenizer, prompts):
         outputs = generate(model, smol_tokenizer, prompts, cfg, seed=0, stop_token_ids=[])
         assert [o.new_tokens for o in outputs] == [4] * len(prompts)
     assert model.dtype == torch.bfloat16
+
+
+def test_a_repeated_prompt_is_prefilled_once_with_the_same_outputs(model, smol_tokenizer, prompts, monkeypatch):
+    """Online DPO samples each prompt twice: the copies share one prefill (fewer rows through the model) and
+    give what prefilling every copy gives (a prefix store with nothing in it prefills every row): greedy, and
+    seeded sampling (the same draws)."""
+    import expertchat.engine.generation as generation
+    from expertchat.engine.prefixcache import PrefixStore
+
+    prefilled = []
+    prefill = generation.CacheRunner.prefill
+
+    def counted(self, *args, **kwargs):
+        prefilled.append(self.input_ids.shape[0])
+        return prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(generation.CacheRunner, "prefill", counted)
+    twice = prompts[:2] + prompts[:2]
+    for cfg in (GenerationConfig(strategy="contrastive", top_k=1, max_new_tokens=6, batch_size=4),
+                GenerationConfig(max_new_tokens=6, temperature=1.0, batch_size=4)):
+        prefilled.clear()
+        shared = generate(model, smol_tokenizer, twice, cfg, seed=3)
+        every_row = generate(model, smol_tokenizer, twice, cfg, seed=3, store=PrefixStore(1.0), keys=[0, 1, 2, 3],
+                             keep=False)
+        assert prefilled == [2, 4]
+        assert [g.token_ids for g in shared] == [g.token_ids for g in every_row]
+        assert [g.prompt_tokens for g in shared] == [g.prompt_tokens for g in every_row]
