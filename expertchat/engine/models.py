@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from expertchat.engine.layout import contiguous_head, transpose_linear_weights
 from expertchat.errors import ExpertChatError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -299,28 +300,9 @@ def load_model(cfg: ModelConfig, device_map: dict[str, int | str] | None = None)
         model.to(device)
     model.eval()
     contiguous_head(model)
+    transpose_linear_weights(model)
     log.info("loaded %s from %s (%s, %s)", cfg.name, source, dtype, device)
     return LoadedModel(name=cfg.name, model=model, tokenizer=tokenizer, cfg=cfg)
-
-
-def _contiguous_input(module: Any, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:])
-
-
-def contiguous_head(model: Any) -> None:
-    """Make the output head's input contiguous (a forward pre-hook; kept by ``copy.deepcopy``).
-
-    With ``logits_to_keep`` the model slices its last hidden states (``h[:, -k:, :]``, a strided view) before
-    the head. On a CPU (torch 2.13, bf16), ``linear`` on such a view with a weight that does not require grad, as
-    every frozen base under LoRA and every merged copy has, took 180 ms for 4 x 1 x 576 -> 49152 (SmolLM2's head)
-    against 2-3 ms on a contiguous copy of the same input: the judge through a frozen base ran 1.5x slower than
-    through the loaded model. The copy costs ``k x hidden`` values."""
-    import torch
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, torch.nn.Module) and not getattr(head, "_expertchat_contiguous", False):
-        head.register_forward_pre_hook(_contiguous_input)
-        head._expertchat_contiguous = True
 
 
 def load_pair(actor: ModelConfig, judge: ModelConfig, device_maps: dict[str, dict] | None = None

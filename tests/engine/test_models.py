@@ -187,24 +187,6 @@ def test_a_turn_stops_where_the_chat_template_ends_a_message(smol_tokenizer):
     assert template_end_ids(plain) == []
 
 
-def test_the_output_head_gets_a_contiguous_input(smol_tokenizer):
-    """logits_to_keep slices the hidden states; a frozen bf16 head on that strided view was ~60x slower on a CPU."""
-    import torch
-
-    from expertchat.engine.models import contiguous_head
-    from tests.conftest import make_tiny_model
-
-    model = make_tiny_model(smol_tokenizer)
-    seen = []
-    contiguous_head(model)
-    contiguous_head(model)  # once is enough: a second call adds nothing
-    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
-    with torch.no_grad():
-        out = model(torch.tensor([[1, 20, 300, 4000]]), logits_to_keep=1)
-    assert seen == [True] and out.logits.shape[1] == 1
-    assert len(model.lm_head._forward_pre_hooks) == 2
-
-
 def test_bf16_on_a_cpu_only_where_the_hardware_has_it():
     """oneDNN reports bf16 on AVX512 CPUs that only emulate it (a DPO step 2.5x slower than fp32 there):
     ``dtype: auto`` takes bf16 only with AVX512-BF16 or AMX-BF16."""
