@@ -16,7 +16,8 @@ chat template) with the same sampling settings (``conf/generation/high_temp.yaml
   turn on left-padded prompts, re-prefilling each turn, same dtype;
 * ``seed``: the seed's way: one dialogue at a time, one ``generate`` call per turn, fp32;
 * ``llamacpp``: llama.cpp single-stream (``llama-cpp-python``, the ``bench`` extra, or ``--llamacpp-site DIR``) on
-  the same GGUF, one dialogue at a time (it reuses the common prefix of consecutive prompts itself), in a process of
+  the same GGUF, one dialogue at a time, one context per role (each reuses the common prefix with its own previous
+  prompt, as the stage's prefix cache does), in a process of
   its own (``llamacpp_column.py``): a build that dies (SIGILL on a CPU that advertises AMX / AVX512-BF16 the VM
   does not allow) or is missing skips the column with the reason; ``llamacpp_build`` gives its version, library
   and llama.cpp's system-info string.

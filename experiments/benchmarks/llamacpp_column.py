@@ -3,7 +3,8 @@
     python experiments/benchmarks/llamacpp_column.py '{"topics": [...], "turns": 8, "new_tokens": 64, ...}'
 
 llama.cpp single-stream (``llama-cpp-python``) on the embedded GGUF: one dialogue at a time, the prompts the
-dialogue stage renders, the same sampling settings; it reuses the common prefix of consecutive prompts itself.
+dialogue stage renders, the same sampling settings; one context per role, each reusing the common prefix with its
+own previous prompt (llama.cpp does that itself).
 A separate process because a llama.cpp built for instructions the (virtual) machine advertises but does not let a
 process run (AMX, AVX512-BF16) dies with SIGILL ("Illegal instruction") on its first completion, which would end
 the whole benchmark: the parent reports the signal and goes on. The JSON says which build ran: llama-cpp-python's
@@ -48,8 +49,10 @@ def main() -> None:
     lm = load_model(model)  # the tokenizer renders the prompts as the stage does
     info = build_info()
     print(json.dumps({"llamacpp_build": info}), file=sys.stderr, flush=True)
-    llm = Llama(model_path=str(package_dir(model.package) / model.gguf_file), n_ctx=4096, n_threads=args["threads"],
-                n_batch=512, verbose=False)
+    # One context per role, as a user would keep them: each reuses the common prefix with its own previous prompt
+    # (one shared context would re-prefill almost every turn, the two roles' views differing from the start).
+    llms = {role: Llama(model_path=str(package_dir(model.package) / model.gguf_file), n_ctx=4096,
+                        n_threads=args["threads"], n_batch=512, verbose=False) for role in ("actor", "judge")}
     cfg = DialogueConfig(turns=args["turns"])
     tokens, start = 0, time.perf_counter()
     for topic in args["topics"]:
@@ -57,7 +60,7 @@ def main() -> None:
         for turn in range(cfg.turns):
             role = speaker(turn)
             prompt = render_prompt(lm.tokenizer, cfg.persona(role, topic), context(d, role, turn, cfg))
-            out = llm.create_completion(prompt, max_tokens=args["new_tokens"], temperature=args["temperature"],
+            out = llms[role].create_completion(prompt, max_tokens=args["new_tokens"], temperature=args["temperature"],
                                         top_p=args["top_p"], top_k=args["top_k"], seed=turn)
             tokens += out["usage"]["completion_tokens"] + int(out["choices"][0]["finish_reason"] == "stop")
             d.turns.append({"role": role, "text": out["choices"][0]["text"].strip()})
