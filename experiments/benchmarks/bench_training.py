@@ -9,7 +9,12 @@ reward (the judge, SmolLM2 as it was loaded, through ``rewards.reward_for`` with
 * ``stock``: TRL's ``OnlineDPOTrainer`` as a user would set it up (``peft_config``; the reference is the base with
   the adapter disabled; the reward function as given);
 * ``project``: ExpertChat's training stage (``training.train_round``: tie-aware masking, the frozen round-start
-  adapter as reference and judge, the adapter saved).
+  adapter as reference and judge, the adapter saved), which samples through its own decode loop (each prompt
+  prefilled once for its two samples) and computes the policy's and the reference's log-probs with each prompt
+  encoded once and logits at the completion positions only (``expertchat/engine/logprobs.py``).
+
+Both load SmolLM2 with ``load_model`` (its CPU weight layout included, ``expertchat/engine/layout.py``) and judge
+with the same reward function, so the ratio measures the trainer, not the model or the judge.
 
 The paths alternate (A, B, A, B, ...; ``repeats`` times); each figure is the median seconds per step (the
 trainer's wall time over its steps, model loading excluded). ``ratio`` = stock / project (> 1: the project's is

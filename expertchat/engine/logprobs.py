@@ -66,6 +66,9 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
 
     Returns:
         ``[N, C]`` log-probabilities in the logits' dtype, differentiable when the model has gradients on.
+
+    Raises:
+        ValueError: no prompt tokens. RuntimeError: the model's forward ignored the cache it was given.
     """
     n, c = completion_ids.shape
     if prompt_ids.shape[1] == 0:
@@ -81,5 +84,8 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
         cache.reorder_cache(index)
         mask = torch.cat((prompt_mask, completion_mask[:, :-1]), dim=1)
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=mask, use_cache=True, **{cache_arg: cache})
+        if cache.get_seq_length() != mask.shape[1]:  # a forward that dropped the cache argument: wrong numbers
+            raise RuntimeError(f"completion_logprobs(): {type(model).__name__}'s forward did not use the KV cache "
+                               f"passed as `{cache_arg}` (its length is {cache.get_seq_length()}, not {mask.shape[1]})")
         logits = torch.cat((logits, rest.logits), dim=1)  # [N, C, V]
     return torch.take_along_dim(logits.log_softmax(dim=-1), completion_ids.unsqueeze(-1), dim=2).squeeze(-1)

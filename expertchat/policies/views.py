@@ -134,3 +134,8 @@ class Reference(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._view[0](*args, **kwargs)
+
+    def get_base_model(self) -> torch.nn.Module:
+        """The transformers model ``forward`` ends in (code that inspects its arguments reads this one's)."""
+        view = self._view[0]
+        return view.get_base_model() if hasattr(view, "get_base_model") else view._model

@@ -234,7 +234,8 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
             logprobs = completion_logprobs(model, prompt_ids[:, cut:], prompt_mask[:, cut:], completion_ids,
                                            completion_mask)
         else:
-            logprobs = super()._forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs)
+            logprobs = super()._forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                        vision_inputs)
         if logprobs.requires_grad:
             self._policy_logprobs = logprobs
         else:  # the reference's (no grad): part of the training phase, measured for the timing split

@@ -90,3 +90,20 @@ def test_empty_prompt_is_an_error(lora_model):
     with pytest.raises(ValueError, match="at least one prompt token"):
         completion_logprobs(lora_model, torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
                             torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+
+
+def test_a_forward_that_drops_the_cache_is_an_error(lora_model):
+    """A wrapper whose forward loses the cache argument would score completions without their prompt."""
+
+    class Forgetful(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, use_cache=True, logits_to_keep=0, **kwargs):
+            width = input_ids.shape[1]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask[:, -width:], use_cache=use_cache,
+                              logits_to_keep=logits_to_keep)
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="did not use the KV cache"):
+        completion_logprobs(Forgetful(lora_model), *batch())

@@ -272,3 +272,26 @@ def test_one_dpo_step_adapts_mixtrals_attention_and_experts_and_round_trips(smol
     trained = logits(policies.models["actor"], IDS)
     fresh = PeftModel.from_pretrained(load_model(model_cfg).model, str(tmp_path / "run/adapters/round_0/actor"))
     assert torch.allclose(fresh(torch.tensor([IDS])).logits[0].float(), trained, atol=1e-5)
+
+
+def test_the_dpo_reference_shows_the_forward_arguments_of_its_model(smol_tokenizer):
+    """TRL's reference is a :class:`Reference` module whose forward takes ``**kwargs``; code that inspects the
+    forward (the KV-cache argument's name: ``cache`` since transformers 5.25) sees the model under it, plain or
+    PEFT-wrapped, and the reference's log-probs on a cache equal the model's own."""
+    from peft import LoraConfig, get_peft_model
+
+    from expertchat.engine.kvcache import forward_kwargs
+    from expertchat.engine.logprobs import completion_logprobs
+    from expertchat.policies.views import ModelView, Reference
+    from tests.conftest import make_tiny_model
+
+    plain = make_tiny_model(smol_tokenizer)
+    wrapped = get_peft_model(make_tiny_model(smol_tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (plain, wrapped):
+        reference = Reference(ModelView(model, lambda: (None, None)))
+        assert forward_kwargs(reference) == ("cache", True)
+    ids, mask = torch.tensor([[5, 6, 7]] * 2), torch.ones(2, 3, dtype=torch.long)
+    rows = (ids, mask, torch.tensor([[8, 9], [10, 11]]), torch.ones(2, 2, dtype=torch.long))
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(Reference(ModelView(plain, lambda: (None, None))), *rows),
+                                   completion_logprobs(plain, *rows))
