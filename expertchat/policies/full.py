@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from expertchat.config.schema import ROLES, TrainingConfig
+from expertchat.engine.layout import transpose_linear_weights
 from expertchat.engine.models import LoadedModel, is_quantized
 from expertchat.errors import ExpertChatError
 from expertchat.policies.adapters import Policies
@@ -56,6 +57,7 @@ class FullPolicies(Policies, method="full"):
                             str(lm.model.dtype).removeprefix("torch."), role)
                 self._amp[role] = lm.model.dtype  # kept as the autocast dtype on a GPU
                 lm.model.float()
+                transpose_linear_weights(lm.model)  # fp32 now: the CPU's faster layout (engine/layout.py)
             lm.model.requires_grad_(False)
 
     # ---- views

@@ -228,10 +228,15 @@ class MaskedOnlineDPOTrainer(OnlineDPOTrainer):
     def _forward(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs=None):
         """TRL's completion log-probs (``[2B, C]``), each prompt encoded once for its two samples
         (:func:`expertchat.engine.logprobs.completion_logprobs`: the same values up to float rounding, ~0.6x the
-        work). TRL's own forward serves images and gradient checkpointing (no KV cache)."""
+        work). TRL's own forward serves images, vision-language models (positions of their own), gradient
+        checkpointing (no KV cache) and data-parallel wrappers (a cache split across replicas)."""
         start = time.perf_counter()
         cut = max(prompt_ids.size(1) + completion_ids.size(1) - self.max_length, 0)  # TRL's left truncation
-        if vision_inputs is None and not self.args.gradient_checkpointing and cut < prompt_ids.size(1):
+        parallel = (self.accelerator.num_processes > 1 or getattr(self.args, "n_gpu", 1) > 1
+                    or isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)))
+        vision = getattr(getattr(model, "config", None), "vision_config", None) is not None
+        if (vision_inputs is None and not vision and not parallel and not self.args.gradient_checkpointing
+                and cut < prompt_ids.size(1)):
             logprobs = completion_logprobs(model, prompt_ids[:, cut:], prompt_mask[:, cut:], completion_ids,
                                            completion_mask)
         else:

@@ -277,3 +277,37 @@ def test_trainer_settings_follow_the_device_and_the_base(smol_tokenizer, tmp_pat
     assert dpo.optimizer(cfg(), model, cuda=True) == "paged_adamw_8bit"
     assert dpo.optimizer(cfg(optimizer="adamw_torch"), model, cuda=True) == "adamw_torch"
     assert dpo.optimizer(cfg(method="full"), tiny_pair(smol_tokenizer)["actor"].model, cuda=True) == "paged_adamw_8bit"
+
+
+@pytest.mark.parametrize("max_length", [1000, 9, 6, 4, 3])
+def test_the_trainers_forward_is_trls_with_its_truncation_and_fallbacks(smol_tokenizer, monkeypatch, max_length):
+    """``MaskedOnlineDPOTrainer._forward`` against TRL's own: the same log-probs when TRL cuts prompts from the
+    left (``max_length`` below prompt + completion), when the cut leaves no prompt (TRL's path), and TRL's path
+    under a data-parallel wrapper."""
+    from types import SimpleNamespace
+
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    from expertchat.stages.dpo import MaskedOnlineDPOTrainer
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(smol_tokenizer, seed=7, hidden=32)
+    trainer = object.__new__(MaskedOnlineDPOTrainer)  # only what _forward reads
+    trainer.__dict__.update(max_length=max_length, args=SimpleNamespace(gradient_checkpointing=False, n_gpu=1),
+                            accelerator=SimpleNamespace(num_processes=1), timing={"reference_seconds": 0.0})
+    prompt_ids = torch.tensor([[0, 0, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26]]).repeat(2, 1)
+    prompt_mask = (prompt_ids > 0).long()
+    completion_ids = torch.tensor([[31, 32, 33], [41, 42, 2], [51, 52, 53], [61, 2, 0]])
+    completion_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    rows = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    import expertchat.stages.dpo as dpo
+
+    calls, shared = [], dpo.completion_logprobs
+    monkeypatch.setattr(dpo, "completion_logprobs", lambda *a, **k: calls.append(1) or shared(*a, **k))
+    with torch.no_grad():
+        theirs = OnlineDPOTrainer._forward(trainer, model, *rows)
+        ours = MaskedOnlineDPOTrainer._forward(trainer, model, *rows)
+        wrapped = MaskedOnlineDPOTrainer._forward(trainer, torch.nn.DataParallel(model), *rows)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wrapped, theirs, atol=1e-5, rtol=1e-5)
+    assert len(calls) == (1 if max_length > 3 else 0)  # a cut that leaves no prompt (6 + 3 - 3 = 6): TRL's forward
