@@ -34,7 +34,7 @@ import torch
 
 from expertchat.engine.kvcache import CacheRunner, copy_last_position
 from expertchat.engine.models import stop_ids
-from expertchat.engine.prefixcache import ChunkLayout, PrefixStore, cacheable, take_entry
+from expertchat.engine.prefixcache import ChunkLayout, PrefixStore, cacheable, distinct, take_entry
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Hashable
@@ -191,12 +191,9 @@ def _decode_chunk(model: PreTrainedModel, prompts: list[list[int]], cfg: Generat
         layout = ChunkLayout(prompts, matches, pad_id, stops.device)
         tokens, finished = _contrastive_loop(model, layout, cfg, stops, saver)
     else:
-        distinct = list(dict.fromkeys(map(tuple, prompts))) if saver is None else [tuple(p) for p in prompts]
-        rows = None
-        if len(distinct) < len(prompts):
-            where = {ids: i for i, ids in enumerate(distinct)}
-            rows = torch.tensor([where[tuple(ids)] for ids in prompts], device=stops.device)
-        layout = ChunkLayout([list(ids) for ids in distinct], matches[:len(distinct)], pad_id, stops.device)
+        firsts, index = distinct([tuple(p) for p in prompts] if saver is None else list(range(len(prompts))))
+        rows = torch.tensor(index, device=stops.device) if len(firsts) < len(prompts) else None
+        layout = ChunkLayout([prompts[i] for i in firsts], [matches[i] for i in firsts], pad_id, stops.device)
         tokens, finished = _sample_loop(model, layout, cfg, stops, generator, saver, rows)
     out = []
     for row_tokens, done in zip(tokens.tolist(), finished.tolist()):

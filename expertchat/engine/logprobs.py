@@ -26,43 +26,24 @@ from typing import TYPE_CHECKING
 import torch
 
 from expertchat.engine.kvcache import forward_kwargs
+from expertchat.engine.prefixcache import distinct
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
 
-def distinct_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int | None:
-    """The number ``B`` of distinct prompts when the ``N`` rows are ``k`` stacked copies of the same ``B`` rows
-    (row ``i`` = row ``i mod B``, TRL's layout: the B prompts, then the B prompts again, ...), else None.
-
-    Args:
-        prompt_ids, prompt_mask: ``[N, P]``.
-    """
-    n = prompt_ids.shape[0]
-    for b in range(1, n // 2 + 1):
-        if n % b:
-            continue
-        ids, mask = prompt_ids.view(n // b, b, -1), prompt_mask.view(n // b, b, -1)
-        if bool((ids == ids[:1]).all()) and bool((mask == mask[:1]).all()):
-            return b
-    return None
-
-
 def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                        completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        distinct: int | None = None) -> torch.Tensor:
+                        completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """``log p(completion_ids[i, t] | prompt i, completion_ids[i, :t])`` for every row and position.
 
     Args:
         model: a causal LM whose forward takes ``attention_mask``, ``use_cache`` and a cache (``cache``, or
             ``past_key_values`` before transformers 5.25) and returns it (every transformers ``*ForCausalLM``;
             PEFT-wrapped too); ``logits_to_keep`` is used where the forward takes it.
-        prompt_ids, prompt_mask: ``[N, P]``, left-padded (mask 0 on padding); rows repeat every ``distinct``
-            rows (see :func:`distinct_rows`).
+        prompt_ids, prompt_mask: ``[N, P]``, left-padded (mask 0 on padding); rows equal in both (TRL's layout:
+            the B prompts, then the same B again) are encoded once.
         completion_ids, completion_mask: ``[N, C]``, right-padded. The mask is only the attention mask of the
             completion positions: padded positions still get a (meaningless) log-prob, as in TRL.
-        distinct: ``B``, the number of distinct prompts (default: found with :func:`distinct_rows`; N when
-            none repeat, which encodes every row's prompt once, still skipping the prompt positions' logits).
 
     Returns:
         ``[N, C]`` log-probabilities in the logits' dtype, differentiable when the model has gradients on.
@@ -70,14 +51,14 @@ def completion_logprobs(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt
     Raises:
         ValueError: no prompt tokens. RuntimeError: the model's forward ignored the cache it was given.
     """
-    n, c = completion_ids.shape
+    c = completion_ids.shape[1]
     if prompt_ids.shape[1] == 0:
         raise ValueError("completion_logprobs() needs at least one prompt token per row")
-    b = distinct or distinct_rows(prompt_ids, prompt_mask) or n
+    firsts, rows = distinct([tuple(r) for r in torch.cat((prompt_ids, prompt_mask), 1).tolist()])
     cache_arg, has_logits_to_keep = forward_kwargs(model)
-    first = model(input_ids=prompt_ids[:b], attention_mask=prompt_mask[:b], use_cache=True,
+    first = model(input_ids=prompt_ids[firsts], attention_mask=prompt_mask[firsts], use_cache=True,
                   **({"logits_to_keep": 1} if has_logits_to_keep else {}))
-    index = torch.arange(n, device=prompt_ids.device) % b
+    index = torch.tensor(rows, device=prompt_ids.device)
     logits = first.logits[:, -1:].index_select(0, index)  # [N, 1, V]: the first completion token's logits
     if c > 1:
         cache = first.cache if hasattr(first, "cache") else first.past_key_values

@@ -61,6 +61,24 @@ class Entry:
         return self.keys.nbytes + self.values.nbytes + extra
 
 
+def distinct(keys: list[Hashable]) -> tuple[list[int], list[int]]:
+    """The position of each distinct key's first occurrence, and for every key the index of its distinct one
+    (the rows to encode once, and the row each copy reads).
+
+    >>> distinct(["a", "b", "a", "c", "b"])
+    ([0, 1, 3], [0, 1, 0, 2, 1])
+    """
+    firsts: list[int] = []
+    where: dict[Hashable, int] = {}
+    index = []
+    for i, key in enumerate(keys):
+        if key not in where:
+            where[key] = len(firsts)
+            firsts.append(i)
+        index.append(where[key])
+    return firsts, index
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists.
 

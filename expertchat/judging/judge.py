@@ -38,6 +38,7 @@ import torch
 from expertchat.config.schema import GenerationConfig, JudgingConfig
 from expertchat.engine.kvcache import PrefixBatch
 from expertchat.engine.models import LoadedModel
+from expertchat.engine.prefixcache import distinct
 from expertchat.judging.prompts import JudgePrompts
 from expertchat.judging.scoring import (
     choice_probabilities,
@@ -237,14 +238,12 @@ class Judge:
         distinct context of the chunk."""
         pr = self.prompts
         cf_ans = pr.answer_ids(self.cfg.content_free)
-        first = {tuple(enc[i]["ctx"]): i for i in reversed(chunk)}  # each context's first item
-        unique = [first[tuple(enc[i]["ctx"])] for i in chunk] if self.share_context else list(chunk)
-        rows = list(dict.fromkeys(unique))
-        batch = PrefixBatch(self.lm, [pr.prefix(enc[i]["ctx"], cf_ans)[0] for i in rows], shared=len(pr.head_ids),
-                            reserve=_reserve(self.prompts, self.cfg, False))
+        firsts, index = distinct([tuple(enc[i]["ctx"]) for i in chunk] if self.share_context else list(chunk))
+        batch = PrefixBatch(self.lm, [pr.prefix(enc[chunk[f]]["ctx"], cf_ans)[0] for f in firsts],
+                            shared=len(pr.head_ids), reserve=_reserve(self.prompts, self.cfg, False))
         for key, probs, _ in self._distributions(batch, rubric_keys):
-            for i, u in zip(chunk, unique):
-                out[i].cf_dists[key] = probs[rows.index(u)].cpu()
+            for i, r in zip(chunk, index):
+                out[i].cf_dists[key] = probs[r].cpu()
 
     def _chunks(self, order: list[int], enc: list[dict[str, Any]], likelihood: bool) -> list[list[int]]:
         """Cut items (longest prefix first) into batches of at most ``batch_size`` rows; with the likelihood on,

@@ -7,16 +7,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from expertchat.engine.logprobs import completion_logprobs, distinct_rows
+from expertchat.engine.logprobs import completion_logprobs
 from tests.conftest import make_tiny_model
-
-
-def trl_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """TRL 1.16's ``OnlineDPOTrainer._forward`` (no truncation): one forward over the concatenated rows."""
-    ids = torch.cat((prompt_ids, completion_ids), dim=1)
-    mask = torch.cat((prompt_mask, completion_mask), dim=1)
-    logits = model(ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1:-1]
-    return torch.take_along_dim(logits.log_softmax(-1), completion_ids.unsqueeze(-1), dim=2).squeeze(-1)
+from tests.training_helpers import trl_logprobs
 
 
 def batch(k: int = 2, completion_len: int = 5, seed: int = 0):
@@ -64,26 +57,44 @@ def test_gradients_equal_one_forward_over_every_row(lora_model):
     lora_model.zero_grad(set_to_none=True)
 
 
-def test_distinct_prompts_and_single_token_completions(lora_model):
+def encoded_rows(model) -> list[int]:
+    """Rows of every forward ``model`` runs from now on (a hook on its input embeddings)."""
+    rows: list[int] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    return rows
+
+
+def test_distinct_prompts_and_single_token_completions(smol_tokenizer):
+    model = make_tiny_model(smol_tokenizer, seed=5, hidden=32)
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch(completion_len=1)
     prompt_ids, prompt_mask = prompt_ids.clone(), prompt_mask.clone()
-    prompt_ids[3, -1] = 7  # the second copy of prompt 1 differs: nothing repeats, every prompt encoded once
-    assert distinct_rows(prompt_ids, prompt_mask) is None
+    prompt_ids[3, -1] = 7  # the second copy of prompt 1 differs: three distinct prompts, each encoded once
+    rows = encoded_rows(model)
     with torch.no_grad():
-        ours = completion_logprobs(lora_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-        theirs = trl_logprobs(lora_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        ours = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        assert rows == [3]  # one token per completion: the prompt forward gives every log-prob
+        theirs = trl_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_distinct_rows_finds_the_repeat_period():
-    ids = torch.tensor([[1, 2], [3, 4]])
-    mask = torch.ones_like(ids)
-    assert distinct_rows(ids.repeat(3, 1), mask.repeat(3, 1)) == 2
-    assert distinct_rows(ids[:1].repeat(4, 1), mask[:1].repeat(4, 1)) == 1
-    assert distinct_rows(ids, mask) is None
-    other = mask.repeat(2, 1)
-    other[3, 0] = 0  # same ids, another mask: not a copy
-    assert distinct_rows(ids.repeat(2, 1), other) is None
+def test_each_distinct_prompt_is_encoded_once_in_any_order(smol_tokenizer):
+    """TRL's layout (B prompts, then again), copies side by side, and a copy whose mask differs (not a copy)."""
+    model = make_tiny_model(smol_tokenizer, seed=6, hidden=32)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch(k=3)
+    side_by_side = [0, 2, 4, 1, 3, 5]
+    other_mask = prompt_mask.clone()
+    other_mask[5, 3] = 0  # row 5 keeps prompt 1's ids but masks a token more
+    rows = encoded_rows(model)
+    for ids, mask, comp, comp_mask, distinct in (
+            (prompt_ids, prompt_mask, completion_ids, completion_mask, 2),
+            (prompt_ids[side_by_side], prompt_mask[side_by_side], completion_ids[side_by_side],
+             completion_mask[side_by_side], 2),
+            (prompt_ids, other_mask, completion_ids, completion_mask, 3)):
+        rows.clear()
+        with torch.no_grad():
+            ours = completion_logprobs(model, ids, mask, comp, comp_mask)
+            assert rows == [distinct, 6]  # the distinct prompts, then every row's completion
+            torch.testing.assert_close(ours, trl_logprobs(model, ids, mask, comp, comp_mask), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_prompt_is_an_error(lora_model):
