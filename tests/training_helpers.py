@@ -39,6 +39,26 @@ def length_reward(judge: LoadedModel):
     return reward
 
 
+def recording_reward(seen: list):
+    """A reward factory: ``len(text) % 7`` per completion (ties are rare, not absent); the texts of each call are
+    appended to ``seen``."""
+    def reward_for(judge: LoadedModel):
+        def reward(prompts, completions, **kwargs):
+            seen.append([c[0]["content"] for c in completions])
+            return [float(len(c[0]["content"]) % 7) for c in completions]
+        return reward
+
+    return reward_for
+
+
+def trl_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """TRL 1.16's ``OnlineDPOTrainer._forward`` without its truncation: one forward over every
+    ``[prompt ; completion]`` row, the completion tokens' log-probs ``[N, C]``."""
+    ids, mask = torch.cat((prompt_ids, completion_ids), 1), torch.cat((prompt_mask, completion_mask), 1)
+    logits = model(ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1:-1]
+    return torch.take_along_dim(logits.log_softmax(-1), completion_ids.unsqueeze(-1), dim=2).squeeze(-1)
+
+
 def constant_reward(judge: LoadedModel):
     def reward(prompts, completions, **kwargs):
         return [0.5] * len(completions)

@@ -25,7 +25,9 @@ from tests.training_helpers import (
     length_reward,
     logits,
     lora_b,
+    recording_reward,
     tiny_pair,
+    trl_logprobs,
 )
 
 # ------------------------------------------------------------------------------------------------- rewards
@@ -176,13 +178,7 @@ def test_the_decode_loop_samples_what_trl_generate_samples(smol_tokenizer, tmp_p
     def run(path: str, generate_fn):
         generated.clear()
         seen = []
-
-        def reward_for(judge):
-            def reward(prompts, completions, **kwargs):
-                seen.append([c[0]["content"] for c in completions])
-                return [float(len(c[0]["content"]) % 7) for c in completions]
-            return reward
-
+        reward_for = recording_reward(seen)
         monkeypatch.setattr(dpo.MaskedOnlineDPOTrainer, "_generate", recorded(generate_fn))
         policies = Policies(tiny_pair(smol_tokenizer), cfg(steps=2, bidirectional=False, max_new_tokens=8))
         train_round(policies, 0, fake_dialogues(), reward_for, DCFG, RunStore(tmp_path / path), seed=5)
@@ -214,27 +210,16 @@ def test_prompts_encoded_once_give_trls_update(smol_tokenizer, tmp_path, monkeyp
         calls.append(args[0].training)
         return shared(*args, **kwargs)
 
-    def every_row(model, prompt_ids, prompt_mask, completion_ids, completion_mask):  # TRL 1.16's _forward
-        ids, mask = torch.cat((prompt_ids, completion_ids), 1), torch.cat((prompt_mask, completion_mask), 1)
-        out = model(ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1:-1]
-        return torch.take_along_dim(out.log_softmax(-1), completion_ids.unsqueeze(-1), dim=2).squeeze(-1)
-
     def run(path: str, fn):
         monkeypatch.setattr(dpo, "completion_logprobs", fn)
         seen = []
-
-        def reward_for(judge):
-            def reward(prompts, completions, **kwargs):
-                seen.append([c[0]["content"] for c in completions])
-                return [float(len(c[0]["content"]) % 7) for c in completions]
-            return reward
-
+        reward_for = recording_reward(seen)
         policies = Policies(tiny_pair(smol_tokenizer), cfg(steps=2, bidirectional=False, max_new_tokens=8))
         train_round(policies, 0, fake_dialogues(), reward_for, DCFG, RunStore(tmp_path / path), seed=5)
         return seen, lora_b(policies, "actor")
 
     shared = dpo.completion_logprobs
-    ours, trl = run("ours", counted), run("trl", every_row)
+    ours, trl = run("ours", counted), run("trl", trl_logprobs)
     assert calls.count(True) == 2 and calls.count(False) == 2  # policy (grad) and reference, both steps
     assert ours[0] == trl[0]
     assert any(torch.count_nonzero(b) > 0 for b in ours[1])
